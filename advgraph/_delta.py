@@ -1,0 +1,250 @@
+"""Delta rules: the framework-agnostic heart of advgraph.
+
+Every function here takes an array of any supported library (numpy, torch,
+TensorFlow, anything array-api-compat covers) and returns the same array type,
+shape, dtype and device. Nothing here imports a framework.
+
+Numerics:
+    - Norms of float16/bfloat16 arrays accumulate in float32 (a float16 sum of
+      squares overflows at 65504).
+    - The l2 norm is computed on ``g / max|g|``, so even float32 gradients near
+      the top of their range give a finite direction.
+    - A zero gradient gives delta = 0 (no NaN). A gradient holding NaN or inf gives
+      delta = 0 for that row (``per_sample``) or the whole array, and the
+      ``nonfinite`` flag of :func:`compute_delta` says so. delta never holds NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from advgraph._errors import check_choice, check_positive_finite, received
+from advgraph._ops import Ops, ops_for
+
+__all__ = ["DeltaResult", "compute_delta", "fgm_delta", "project", "random_init", "NORMS"]
+
+Array = Any
+NORMS = ("l2", "linf")
+
+
+class DeltaResult(NamedTuple):
+    """What :func:`compute_delta` returns.
+
+    Attributes:
+        delta: the perturbation, same type/shape/dtype/device as the gradient.
+        nonfinite: boolean array, shape ``(batch,)`` when ``per_sample`` else ``()``:
+            True where the gradient held NaN or inf (delta set to 0 there).
+        zero: boolean array of the same shape: True where the gradient was all zeros
+            (delta is 0 there, as the direction is undefined).
+    """
+
+    delta: Array
+    nonfinite: Array
+    zero: Array
+
+
+def _check_array(grad: Array, per_sample: bool, name: str = "grad") -> Ops:
+    ops = ops_for(grad)
+    if not ops.is_floating(grad):
+        raise TypeError(
+            f"`{name}` must have a floating-point dtype. {received(dtype=str(ops.dtype(grad)))}"
+        )
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"`per_sample` must be True or False. {received(per_sample=per_sample)}")
+    if per_sample and ops.ndim(grad) == 0:
+        raise ValueError(
+            "`per_sample=True` needs an array with a batch axis (ndim >= 1), normalised "
+            f"separately along axis 0. {received(shape=tuple(grad.shape))}"
+        )
+    return ops
+
+
+def _axes(ndim: int, per_sample: bool) -> tuple[int, ...]:
+    return tuple(range(1, ndim)) if per_sample else tuple(range(ndim))
+
+
+def _flag(ops: Ops, flag: Array, grad: Array, per_sample: bool) -> Array:
+    """Reshape a keepdims reduction result to ``(batch,)`` or ``()``."""
+    if per_sample:
+        # -1, not grad.shape[0]: the batch size is None inside a tf.function traced
+        # with an unknown batch dimension (as Keras traces train_step).
+        return ops.reshape(flag, (-1,))
+    return ops.reshape(flag, ())
+
+
+def compute_delta(
+    grad: Array,
+    epsilon: float = 1.0,
+    *,
+    norm: str = "l2",
+    per_sample: bool = False,
+) -> DeltaResult:
+    """Compute the FGM/FGSM perturbation of ``grad`` and report skipped rows.
+
+    ``norm="l2"``: ``delta = epsilon * g / ||g||_2`` (Miyato et al., 2017).
+    ``norm="linf"``: ``delta = epsilon * sign(g)`` (Goodfellow et al., 2015).
+    With ``per_sample=True`` the norm is taken over all axes but the first,
+    separately for each row of axis 0.
+
+    Args:
+        grad: gradient array (numpy, torch, tensorflow, ...), floating point.
+        epsilon: radius of the perturbation, a positive finite number.
+        norm: ``"l2"`` or ``"linf"``.
+        per_sample: normalise each row of axis 0 separately.
+
+    Returns:
+        A :class:`DeltaResult` ``(delta, nonfinite, zero)``.
+
+    Example:
+        >>> import numpy as np
+        >>> from advgraph._delta import compute_delta
+        >>> res = compute_delta(np.array([[3.0, 4.0], [np.nan, 1.0]]), 1.0, per_sample=True)
+        >>> res.delta
+        array([[0.6, 0.8],
+               [0. , 0. ]])
+        >>> res.nonfinite
+        array([False,  True])
+    """
+    epsilon = check_positive_finite("epsilon", epsilon)
+    norm = check_choice("norm", norm, NORMS)
+    ops = _check_array(grad, per_sample)
+    axes = _axes(ops.ndim(grad), per_sample)
+    g = ops.widen(grad)
+    # g * 0 is NaN exactly where g is NaN or +-inf; its sum flags any such entry.
+    finite = ops.isfinite(ops.sum(g * 0.0, axes))
+    peak = ops.amax(ops.abs(g), axes)
+    zero = ops.logical_and(finite, peak == 0.0)
+    ok = ops.logical_and(finite, ops.logical_not(zero))
+    if norm == "l2":
+        one = ops.zeros_like(peak) + 1.0
+        scaled = g / ops.where(ok, peak, one)
+        sumsq = ops.where(ok, ops.sum(scaled * scaled, axes), one)
+        delta = scaled * (epsilon / ops.sqrt(sumsq))
+    else:
+        delta = ops.sign(g) * epsilon
+    delta = ops.where(ok, delta, ops.zeros_like(delta))
+    delta = ops.cast(delta, ops.dtype(grad))
+    return DeltaResult(
+        delta,
+        _flag(ops, ops.logical_not(finite), grad, per_sample),
+        _flag(ops, zero, grad, per_sample),
+    )
+
+
+def fgm_delta(
+    grad: Array,
+    epsilon: float = 1.0,
+    *,
+    norm: str = "l2",
+    per_sample: bool = False,
+) -> Array:
+    """Return the FGM perturbation ``epsilon * g / ||g||`` (or ``epsilon * sign(g)``).
+
+    Same array type, shape, dtype and device as ``grad``. A zero gradient, or one
+    holding NaN or inf, gives ``delta = 0`` (per row with ``per_sample=True``);
+    use :func:`advgraph.compute_delta` to learn whether that happened.
+
+    Args:
+        grad: gradient array (numpy, torch, tensorflow, ...), floating point.
+        epsilon: radius, a positive finite number.
+        norm: ``"l2"`` (``epsilon * g / ||g||_2``) or ``"linf"`` (``epsilon * sign(g)``).
+        per_sample: normalise each row of axis 0 separately (the norm over all other axes).
+
+    Example:
+        >>> import numpy as np
+        >>> import advgraph
+        >>> advgraph.fgm_delta(np.array([3.0, 4.0]), epsilon=0.5)
+        array([0.3, 0.4])
+        >>> advgraph.fgm_delta(np.array([3.0, -4.0]), epsilon=0.5, norm="linf")
+        array([ 0.5, -0.5])
+    """
+    return compute_delta(grad, epsilon, norm=norm, per_sample=per_sample).delta
+
+
+def project(
+    delta: Array,
+    epsilon: float,
+    *,
+    norm: str = "l2",
+    per_sample: bool = False,
+) -> Array:
+    """Project ``delta`` onto the ``epsilon``-ball (l2 or linf; global or per sample).
+
+    l2: ``delta * min(1, epsilon / ||delta||)``; linf: ``clip(delta, -epsilon, epsilon)``.
+    Entries that are NaN or inf are set to 0 (per row with ``per_sample``).
+
+    Example:
+        >>> import numpy as np
+        >>> import advgraph
+        >>> advgraph.project(np.array([3.0, 4.0]), 1.0)
+        array([0.6, 0.8])
+        >>> advgraph.project(np.array([0.3, -2.0]), 1.0, norm="linf")
+        array([ 0.3, -1. ])
+    """
+    epsilon = check_positive_finite("epsilon", epsilon)
+    norm = check_choice("norm", norm, NORMS)
+    ops = _check_array(delta, per_sample, name="delta")
+    axes = _axes(ops.ndim(delta), per_sample)
+    d = ops.widen(delta)
+    finite = ops.isfinite(ops.sum(d * 0.0, axes))
+    if norm == "l2":
+        peak = ops.amax(ops.abs(d), axes)
+        ok = ops.logical_and(finite, peak > 0.0)
+        one = ops.zeros_like(peak) + 1.0
+        safe_peak = ops.where(ok, peak, one)
+        scaled = d / safe_peak
+        length = ops.sqrt(ops.where(ok, ops.sum(scaled * scaled, axes), one)) * safe_peak
+        factor = ops.where(length > epsilon, epsilon / length, one)
+        out = d * factor
+    else:
+        out = ops.clip(d, -epsilon, epsilon)
+    out = ops.where(finite, out, ops.zeros_like(out))
+    return ops.cast(out, ops.dtype(delta))
+
+
+def random_init(
+    like: Array,
+    epsilon: float,
+    *,
+    norm: str = "l2",
+    per_sample: bool = False,
+    rng: Any = None,
+) -> Array:
+    """Draw a random start uniformly from the ``epsilon``-ball, shaped like ``like``.
+
+    linf: each entry uniform in ``[-epsilon, epsilon]``. l2: a uniformly random
+    direction times ``epsilon * u**(1/n)``, ``u ~ U(0, 1)`` and ``n`` the number of
+    entries per ball, which is uniform in the ball (Madry et al., 2018, random start).
+
+    Args:
+        like: array whose type, shape, dtype and device the result takes.
+        epsilon: radius.
+        norm: ``"l2"`` or ``"linf"``.
+        per_sample: one ball per row of axis 0.
+        rng: optional generator of the array library (``numpy.random.Generator`` or
+            seed, ``torch.Generator``, ``tf.random.Generator``).
+
+    Example:
+        >>> import numpy as np
+        >>> import advgraph
+        >>> d = advgraph.random_init(np.zeros((2, 3)), 0.1, norm="linf", rng=0)
+        >>> bool((np.abs(d) <= 0.1).all())
+        True
+    """
+    epsilon = check_positive_finite("epsilon", epsilon)
+    norm = check_choice("norm", norm, NORMS)
+    ops = _check_array(like, per_sample, name="like")
+    rng = ops.generator(rng)
+    if norm == "linf":
+        out = ops.uniform_like(like, -epsilon, epsilon, rng)
+        return ops.cast(out, ops.dtype(like))
+    axes = _axes(ops.ndim(like), per_sample)
+    direction = ops.normal_like(like, rng)
+    # A normal draw is zero with probability 0; compute_delta would give 0 then anyway.
+    unit = compute_delta(direction, 1.0, norm="l2", per_sample=per_sample).delta
+    count = ops.sum(ops.zeros_like(unit) + 1.0, axes)  # entries per ball, keepdims
+    u = ops.uniform_like(count, 0.0, 1.0, rng)
+    radius = (u ** (1.0 / count)) * epsilon
+    return ops.cast(unit * radius, ops.dtype(like))
+
+

@@ -1,0 +1,357 @@
+"""The few array operations the core needs, for any array library.
+
+The delta rules are written once against :class:`Ops`. ``ops_for(x)`` returns the
+implementation for ``x``'s library without importing any framework that the caller
+has not imported already:
+
+- numpy, torch, jax, cupy, ... through the Array API standard (``array-api-compat``);
+- TensorFlow through a small shim (array-api-compat has no TensorFlow support). It
+  uses only graph-safe ops, so the core runs inside ``tf.function`` and XLA.
+
+Reductions keep their dimensions. Half precision (float16, bfloat16) is widened to
+float32 before any reduction by the callers through :meth:`Ops.widen`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+from advgraph._errors import received
+
+__all__ = ["Ops", "ops_for"]
+
+Array = Any
+
+
+class Ops:
+    """Array operations used by the core. Subclasses bind them to one library."""
+
+    name = "abstract"
+
+    # -- dtypes ---------------------------------------------------------------
+    def dtype(self, x: Array) -> Any:
+        return x.dtype
+
+    def is_floating(self, x: Array) -> bool:
+        raise NotImplementedError
+
+    def widen(self, x: Array) -> Array:
+        """Return ``x`` in float32 if it is a half-precision float, else ``x``."""
+        raise NotImplementedError
+
+    def cast(self, x: Array, dtype: Any) -> Array:
+        raise NotImplementedError
+
+    def ndim(self, x: Array) -> int:
+        return len(x.shape)
+
+    # -- elementwise ----------------------------------------------------------
+    def abs(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def sqrt(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def sign(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def isfinite(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def where(self, cond: Array, a: Array, b: Array) -> Array:
+        raise NotImplementedError
+
+    def clip(self, x: Array, low: float, high: float) -> Array:
+        raise NotImplementedError
+
+    def zeros_like(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def logical_and(self, a: Array, b: Array) -> Array:
+        raise NotImplementedError
+
+    def logical_not(self, a: Array) -> Array:
+        raise NotImplementedError
+
+    def exp(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def log(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def stop_gradient(self, x: Array) -> Array:
+        """``x`` cut out of the autodiff graph (torch ``detach``, tf ``stop_gradient``)."""
+        raise NotImplementedError
+
+    # -- reductions (keepdims=True) -------------------------------------------
+    def sum(self, x: Array, axes: Sequence[int]) -> Array:
+        raise NotImplementedError
+
+    def amax(self, x: Array, axes: Sequence[int]) -> Array:
+        raise NotImplementedError
+
+    def reshape(self, x: Array, shape: Sequence[int]) -> Array:
+        raise NotImplementedError
+
+    # -- randomness -----------------------------------------------------------
+    def generator(self, rng: Any = None) -> Any:
+        """Return one generator to draw every random number of a call from."""
+        return rng
+
+    def uniform_like(self, x: Array, low: float, high: float, rng: Any = None) -> Array:
+        raise NotImplementedError
+
+    def normal_like(self, x: Array, rng: Any = None) -> Array:
+        raise NotImplementedError
+
+
+class _ArrayApiOps(Ops):
+    """numpy, torch and every library array-api-compat covers."""
+
+    def __init__(self, xp: Any, name: str) -> None:
+        self.xp = xp
+        self.name = name
+
+    def is_floating(self, x: Array) -> bool:
+        if self.name == "torch":
+            return bool(x.is_floating_point())
+        if self.name == "numpy":
+            import numpy as np
+
+            # ml_dtypes' bfloat16 is not a numpy.floating subtype, but is a float.
+            return np.issubdtype(x.dtype, np.floating) or x.dtype.name in ("bfloat16",)
+        return self.xp.isdtype(x.dtype, "real floating")
+
+    def _is_half(self, x: Array) -> bool:
+        return str(x.dtype).rsplit(".", 1)[-1] in ("float16", "bfloat16", "half")
+
+    def widen(self, x: Array) -> Array:
+        if self._is_half(x):
+            return self.cast(x, self.xp.float32)
+        return x
+
+    def cast(self, x: Array, dtype: Any) -> Array:
+        if x.dtype == dtype:
+            return x
+        if self.name == "torch":
+            return x.to(dtype)
+        return x.astype(dtype)
+
+    def abs(self, x: Array) -> Array:
+        return self.xp.abs(x)
+
+    def sqrt(self, x: Array) -> Array:
+        return self.xp.sqrt(x)
+
+    def sign(self, x: Array) -> Array:
+        return self.xp.sign(x)
+
+    def isfinite(self, x: Array) -> Array:
+        return self.xp.isfinite(x)
+
+    def where(self, cond: Array, a: Array, b: Array) -> Array:
+        return self.xp.where(cond, a, b)
+
+    def clip(self, x: Array, low: float, high: float) -> Array:
+        if self.name == "torch":
+            return x.clamp(low, high)
+        return self.xp.clip(x, low, high)
+
+    def zeros_like(self, x: Array) -> Array:
+        return self.xp.zeros_like(x)
+
+    def logical_and(self, a: Array, b: Array) -> Array:
+        return self.xp.logical_and(a, b)
+
+    def logical_not(self, a: Array) -> Array:
+        return self.xp.logical_not(a)
+
+    def exp(self, x: Array) -> Array:
+        return self.xp.exp(x)
+
+    def log(self, x: Array) -> Array:
+        return self.xp.log(x)
+
+    def stop_gradient(self, x: Array) -> Array:
+        if self.name == "torch":
+            return x.detach()
+        return x
+
+    def sum(self, x: Array, axes: Sequence[int]) -> Array:
+        return self.xp.sum(x, axis=tuple(axes), keepdims=True)
+
+    def amax(self, x: Array, axes: Sequence[int]) -> Array:
+        return self.xp.max(x, axis=tuple(axes), keepdims=True)
+
+    def reshape(self, x: Array, shape: Sequence[int]) -> Array:
+        return self.xp.reshape(x, tuple(shape))
+
+    def generator(self, rng: Any = None) -> Any:
+        if self.name == "numpy":
+            import numpy as np
+
+            # A seed (or None) becomes one Generator here: seeding a fresh Generator in
+            # each draw would replay the same stream for every draw of one call.
+            return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        return rng
+
+    def uniform_like(self, x: Array, low: float, high: float, rng: Any = None) -> Array:
+        if self.name == "torch":
+            torch = sys.modules["torch"]
+            out = torch.empty(x.shape, dtype=self.widen(x).dtype, device=x.device)
+            return out.uniform_(low, high, generator=rng)
+        if self.name == "numpy":
+            import numpy as np
+
+            gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+            return gen.uniform(low, high, size=x.shape).astype(self.widen(x).dtype)
+        raise NotImplementedError(  # pragma: no cover
+            f"Random starts are implemented for numpy, torch and tensorflow arrays. "
+            f"{received(array_type=type(x).__name__)}"
+        )
+
+    def normal_like(self, x: Array, rng: Any = None) -> Array:
+        if self.name == "torch":
+            torch = sys.modules["torch"]
+            out = torch.empty(x.shape, dtype=self.widen(x).dtype, device=x.device)
+            return out.normal_(generator=rng)
+        if self.name == "numpy":
+            import numpy as np
+
+            gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+            return gen.standard_normal(size=x.shape).astype(self.widen(x).dtype)
+        raise NotImplementedError(  # pragma: no cover
+            f"Random starts are implemented for numpy, torch and tensorflow arrays. "
+            f"{received(array_type=type(x).__name__)}"
+        )
+
+
+class _TensorFlowOps(Ops):
+    """TensorFlow tensors and variables; graph-safe (tf.function, XLA)."""
+
+    name = "tensorflow"
+
+    def __init__(self) -> None:
+        self.tf = sys.modules["tensorflow"]
+
+    def is_floating(self, x: Array) -> bool:
+        return bool(x.dtype.is_floating)
+
+    def widen(self, x: Array) -> Array:
+        tf = self.tf
+        if x.dtype in (tf.float16, tf.bfloat16):
+            return tf.cast(x, tf.float32)
+        return x
+
+    def cast(self, x: Array, dtype: Any) -> Array:
+        if x.dtype == dtype:
+            return x
+        return self.tf.cast(x, dtype)
+
+    def abs(self, x: Array) -> Array:
+        return self.tf.abs(x)
+
+    def sqrt(self, x: Array) -> Array:
+        return self.tf.sqrt(x)
+
+    def sign(self, x: Array) -> Array:
+        return self.tf.sign(x)
+
+    def isfinite(self, x: Array) -> Array:
+        return self.tf.math.is_finite(x)
+
+    def where(self, cond: Array, a: Array, b: Array) -> Array:
+        tf = self.tf
+        ref = a if hasattr(a, "dtype") else b
+        a = tf.convert_to_tensor(a, dtype=ref.dtype)
+        b = tf.convert_to_tensor(b, dtype=ref.dtype)
+        return tf.where(cond, a, b)
+
+    def clip(self, x: Array, low: float, high: float) -> Array:
+        return self.tf.clip_by_value(x, low, high)
+
+    def zeros_like(self, x: Array) -> Array:
+        return self.tf.zeros_like(x)
+
+    def logical_and(self, a: Array, b: Array) -> Array:
+        return self.tf.logical_and(a, b)
+
+    def logical_not(self, a: Array) -> Array:
+        return self.tf.logical_not(a)
+
+    def exp(self, x: Array) -> Array:
+        return self.tf.exp(x)
+
+    def log(self, x: Array) -> Array:
+        return self.tf.math.log(x)
+
+    def stop_gradient(self, x: Array) -> Array:
+        return self.tf.stop_gradient(x)
+
+    def sum(self, x: Array, axes: Sequence[int]) -> Array:
+        return self.tf.reduce_sum(x, axis=list(axes), keepdims=True)
+
+    def amax(self, x: Array, axes: Sequence[int]) -> Array:
+        return self.tf.reduce_max(x, axis=list(axes), keepdims=True)
+
+    def reshape(self, x: Array, shape: Sequence[int]) -> Array:
+        return self.tf.reshape(x, list(shape))
+
+    def uniform_like(self, x: Array, low: float, high: float, rng: Any = None) -> Array:
+        tf = self.tf
+        dtype = self.widen(x).dtype
+        if rng is not None:
+            return rng.uniform(tf.shape(x), minval=low, maxval=high, dtype=dtype)
+        return tf.random.uniform(tf.shape(x), minval=low, maxval=high, dtype=dtype)
+
+    def normal_like(self, x: Array, rng: Any = None) -> Array:
+        tf = self.tf
+        dtype = self.widen(x).dtype
+        if rng is not None:
+            return rng.normal(tf.shape(x), dtype=dtype)
+        return tf.random.normal(tf.shape(x), dtype=dtype)
+
+
+_TF_OPS: _TensorFlowOps | None = None
+_API_OPS: dict[str, _ArrayApiOps] = {}
+
+
+def ops_for(x: Array) -> Ops:
+    """Return the :class:`Ops` for ``x``'s array library.
+
+    Raises:
+        TypeError: if ``x`` is not an array of a supported library.
+    """
+    global _TF_OPS
+    module = type(x).__module__
+    if module.startswith("tensorflow"):
+        tf = sys.modules.get("tensorflow")
+        if tf is not None and (tf.is_tensor(x) or isinstance(x, tf.Variable)):
+            if _TF_OPS is None:
+                _TF_OPS = _TensorFlowOps()
+            return _TF_OPS
+    else:
+        try:
+            import array_api_compat
+        except ImportError:  # pragma: no cover - array-api-compat is a core dependency
+            array_api_compat = None
+        if array_api_compat is not None and _is_array(x, array_api_compat):
+            xp = array_api_compat.array_namespace(x)
+            name = xp.__name__.rsplit(".", 1)[-1]
+            if name not in _API_OPS:
+                _API_OPS[name] = _ArrayApiOps(xp, name)
+            return _API_OPS[name]
+    raise TypeError(
+        "Expected an array: a numpy array, a torch tensor, a TensorFlow tensor or any "
+        f"array supported by array-api-compat. {received(grad=type(x).__name__)}"
+    )
+
+
+def _is_array(x: Array, array_api_compat: Any) -> bool:
+    if isinstance(x, (bool, int, float, complex, str, bytes, list, tuple, dict)) or x is None:
+        return False
+    try:
+        return bool(array_api_compat.is_array_api_obj(x))
+    except Exception:  # pragma: no cover - defensive: unknown objects
+        return False

@@ -1,0 +1,162 @@
+"""``wrap`` / ``unwrap``: find the model's framework and hand over to its adapter.
+
+The framework is recognised through ``sys.modules``: a torch model can only exist
+if torch is already imported, a Keras model only if keras is. Only the adapter of
+that framework is imported.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TypeVar
+
+from advgraph._config import make_config
+from advgraph._errors import received
+
+__all__ = ["wrap", "unwrap", "is_wrapped"]
+
+M = TypeVar("M")
+
+
+def _framework_of(model: Any) -> str | None:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return "torch"
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(model, keras.Model):
+        return "keras"
+    return None
+
+
+def _adapter(framework: str) -> Any:
+    if framework == "torch":
+        from advgraph.adapters import torch as adapter
+    else:
+        from advgraph.adapters import keras as adapter
+    return adapter
+
+
+def wrap(
+    model: M,
+    target: Any = "embedding",
+    mode: str = "output",
+    *,
+    method: str = "fgm",
+    epsilon: float | None = 1.0,
+    norm: str | None = None,
+    per_sample: bool | None = None,
+    steps: int | None = None,
+    alpha: float | None = None,
+    random_init: bool | None = None,
+    objective: str | None = None,
+    init_mag: float | None = None,
+    xi: float | None = None,
+    vat_weight: float | None = None,
+) -> M:
+    """Add embedding-level adversarial training to a PyTorch or Keras model.
+
+    Args:
+        model: a ``torch.nn.Module`` or a compiled ``keras.Model``.
+        target: ``"embedding"`` (the input word embedding), a dotted module path /
+            layer name, or the module / layer object itself.
+        mode: ``"output"``: delta on the embedding's output, one per sample (Miyato
+            et al.). ``"matrix"``: delta on the embedding matrix rows the batch
+            touched, shared by every occurrence of a token (the classic Keras recipe).
+        method: ``"fgm"`` (l2, default), ``"fgsm"`` (linf sign), ``"pgd"`` (Madry et
+            al.), ``"freelb"`` (Zhu et al.) or ``"vat"`` (Miyato et al., label-free;
+            the closure returns ``logits`` or ``(loss, logits)``).
+        epsilon: radius of the perturbation (FreeLB: max norm, ``None`` = unbounded).
+        norm: ``"l2"`` or ``"linf"``; default from the method.
+        per_sample: normalise per sample; default True for output, False for matrix.
+        steps: pgd/freelb ascent steps (default 3); vat power iterations (default 1).
+        alpha: pgd step size (default ``2.5 * epsilon / steps``); freelb (default 0.1).
+        random_init: pgd random start (default False); freelb (default True).
+        objective: ``"clean+adv"`` (clean and adversarial gradients add up; default)
+            or ``"adv"`` (only the adversarial passes drive the update; FreeLB's only
+            objective and its default).
+        init_mag: freelb random-start magnitude (default 0.1).
+        xi: vat power-iteration scale (default 0.1).
+        vat_weight: weight of the VAT term (default 1.0).
+        A knob the chosen method does not read raises ``ValueError``.
+
+    Returns:
+        The wrapped model. Always use this object. PyTorch: it keeps the original's
+        Parameter objects, state_dict keys and, with no perturbation active, outputs
+        bit for bit; it adds ``adversarial_step(closure)`` and ``perturbed()``.
+        Keras: ``fit()`` trains adversarially.
+
+    Raises:
+        TypeError: ``model`` is neither a torch nor a Keras model, or an argument
+            has the wrong type.
+        ValueError: an argument is out of range, or the target is not found / is
+            ambiguous (the candidates are listed).
+
+    Example:
+        >>> import torch
+        >>> import advgraph
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+        >>> wrapped = advgraph.wrap(model, mode="output", epsilon=0.5)
+        >>> x, y = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])
+        >>> loss = wrapped.adversarial_step(lambda: torch.nn.functional.cross_entropy(wrapped(x), y))
+        >>> model = advgraph.unwrap(wrapped)
+    """
+    framework = _framework_of(model)
+    if framework is None:
+        raise TypeError(
+            "`model` must be a torch.nn.Module or a keras.Model. "
+            f"{received(model=type(model).__name__)}"
+        )
+    config = make_config(
+        mode=mode,
+        method=method,
+        epsilon=epsilon,
+        norm=norm,
+        per_sample=per_sample,
+        steps=steps,
+        alpha=alpha,
+        random_init=random_init,
+        objective=objective,
+        init_mag=init_mag,
+        xi=xi,
+        vat_weight=vat_weight,
+    )
+    return _adapter(framework).wrap(model, target, config)
+
+
+def unwrap(model: M) -> M:
+    """Remove what :func:`wrap` added; return the plain model.
+
+    PyTorch: the returned module is the original one (same object where ``wrap``
+    edited it in place), with its original forward. Keras: the original train_step.
+
+    Raises:
+        TypeError: ``model`` is not a model, or was not wrapped by advgraph.
+
+    Example:
+        >>> import torch
+        >>> import advgraph
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+        >>> advgraph.unwrap(advgraph.wrap(model)) is model
+        True
+    """
+    framework = _framework_of(model)
+    if framework is None:
+        raise TypeError(
+            "`model` must be a model returned by advgraph.wrap(). "
+            f"{received(model=type(model).__name__)}"
+        )
+    return _adapter(framework).unwrap(model)
+
+
+def is_wrapped(model: Any) -> bool:
+    """Whether ``model`` was returned by :func:`wrap` and not yet unwrapped.
+
+    Example:
+        >>> import advgraph
+        >>> advgraph.is_wrapped(object())
+        False
+    """
+    framework = _framework_of(model)
+    if framework is None:
+        return False
+    return bool(_adapter(framework).is_wrapped(model))
