@@ -44,7 +44,7 @@ class DeltaResult(NamedTuple):
 
 
 def _check_array(grad: Array, per_sample: bool, name: str = "grad") -> Ops:
-    ops = ops_for(grad)
+    ops = ops_for(grad, name)
     if not ops.is_floating(grad):
         raise TypeError(
             f"`{name}` must have a floating-point dtype. {received(dtype=str(ops.dtype(grad)))}"
@@ -61,6 +61,18 @@ def _check_array(grad: Array, per_sample: bool, name: str = "grad") -> Ops:
 
 def _axes(ndim: int, per_sample: bool) -> tuple[int, ...]:
     return tuple(range(1, ndim)) if per_sample else tuple(range(ndim))
+
+
+def _finite_part(ops: Ops, x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    """``x`` with NaN/inf entries set to 0, and per reduction whether ``x`` was all finite.
+
+    Masking first keeps every later operation finite: no ``inf * 0`` or overflowing
+    square is ever computed (numpy would warn, and raise under ``np.seterr``).
+    """
+    mask = ops.isfinite(x)
+    clean = ops.where(mask, x, ops.zeros_like(x))
+    bad = ops.sum(ops.cast(ops.logical_not(mask), ops.dtype(x)), axes)
+    return clean, bad == 0.0
 
 
 def _flag(ops: Ops, flag: Array, grad: Array, per_sample: bool) -> Array:
@@ -109,15 +121,14 @@ def compute_delta(
     norm = check_choice("norm", norm, NORMS)
     ops = _check_array(grad, per_sample)
     axes = _axes(ops.ndim(grad), per_sample)
-    g = ops.widen(grad)
-    # g * 0 is NaN exactly where g is NaN or +-inf; its sum flags any such entry.
-    finite = ops.isfinite(ops.sum(g * 0.0, axes))
+    g, finite = _finite_part(ops, ops.widen(grad), axes)
     peak = ops.amax(ops.abs(g), axes)
     zero = ops.logical_and(finite, peak == 0.0)
     ok = ops.logical_and(finite, ops.logical_not(zero))
     if norm == "l2":
         one = ops.zeros_like(peak) + 1.0
-        scaled = g / ops.where(ok, peak, one)
+        # peak of the masked part is finite; dividing by it keeps every square <= 1.
+        scaled = g / ops.where(peak > 0.0, peak, one)
         sumsq = ops.where(ok, ops.sum(scaled * scaled, axes), one)
         delta = scaled * (epsilon / ops.sqrt(sumsq))
     else:
@@ -185,13 +196,12 @@ def project(
     norm = check_choice("norm", norm, NORMS)
     ops = _check_array(delta, per_sample, name="delta")
     axes = _axes(ops.ndim(delta), per_sample)
-    d = ops.widen(delta)
-    finite = ops.isfinite(ops.sum(d * 0.0, axes))
+    d, finite = _finite_part(ops, ops.widen(delta), axes)
     if norm == "l2":
         peak = ops.amax(ops.abs(d), axes)
         ok = ops.logical_and(finite, peak > 0.0)
         one = ops.zeros_like(peak) + 1.0
-        safe_peak = ops.where(ok, peak, one)
+        safe_peak = ops.where(peak > 0.0, peak, one)
         scaled = d / safe_peak
         length = ops.sqrt(ops.where(ok, ops.sum(scaled * scaled, axes), one)) * safe_peak
         factor = ops.where(length > epsilon, epsilon / length, one)

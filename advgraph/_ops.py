@@ -317,8 +317,8 @@ _TF_OPS: _TensorFlowOps | None = None
 _API_OPS: dict[str, _ArrayApiOps] = {}
 
 
-def ops_for(x: Array) -> Ops:
-    """Return the :class:`Ops` for ``x``'s array library.
+def ops_for(x: Array, arg: str = "grad") -> Ops:
+    """Return the :class:`Ops` for ``x``'s array library (``arg``: x's name in errors).
 
     Raises:
         TypeError: if ``x`` is not an array of a supported library.
@@ -344,7 +344,7 @@ def ops_for(x: Array) -> Ops:
             return _API_OPS[name]
     raise TypeError(
         "Expected an array: a numpy array, a torch tensor, a TensorFlow tensor or any "
-        f"array supported by array-api-compat. {received(grad=type(x).__name__)}"
+        f"array supported by array-api-compat. {received(**{arg: type(x).__name__})}"
     )
 
 
