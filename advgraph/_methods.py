@@ -17,7 +17,7 @@ from advgraph._delta import DeltaResult, compute_delta, project, random_init
 from advgraph._errors import received
 from advgraph._ops import Ops, ops_for
 
-__all__ = ["Site", "run_method", "single_delta"]
+__all__ = ["Site", "passes", "run_method", "single_delta"]
 
 Array = Any
 Closure = Callable[[], Any]
@@ -39,6 +39,7 @@ class Site(Protocol):
         param_grads: bool,
         scale: float = 1.0,
         allow_none: bool = False,
+        keep_grad: bool = True,
     ) -> Any:
         """Run ``closure`` (a forward returning a scalar loss) under the current delta.
 
@@ -47,11 +48,14 @@ class Site(Protocol):
         gradient at the site is computed. The gradient at the site of *this* pass is
         kept for :meth:`site_grad`. Returns the loss, detached. With
         ``allow_none=True`` a closure may return ``None``: the forward runs, nothing
-        is backpropagated, and ``None`` is returned.
+        is backpropagated, and ``None`` is returned. ``keep_grad=False``: the method
+        will not read the site's gradient of this pass, so it is not kept.
         """
 
     def site_grad(self) -> Array:
-        """Gradient of the last pass's loss w.r.t. the site (shape of delta)."""
+        """Gradient of the last pass's loss w.r.t. the site (shape of delta).
+
+        Each gradient is read once: reading releases it."""
 
     def set_delta(self, delta: DeltaLike) -> None:
         """Install delta at the site, replacing any delta installed before.
@@ -59,10 +63,6 @@ class Site(Protocol):
         ``delta`` is an array, or a function that receives zeros shaped like delta
         (known only once the next forward reaches the site) and returns delta.
         """
-
-    def current_delta(self) -> Array:
-        """The delta installed now (a function given to :meth:`set_delta` is
-        evaluated by the forward that reached the site)."""
 
     def clear(self) -> None:
         """Remove the delta; parameters are restored bit for bit."""
@@ -97,10 +97,10 @@ def fgm_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
        accumulate; delta is removed afterwards, also on error.
     """
     clean_loss = site.forward_backward(closure, param_grads=config.objective == "clean+adv")
-    delta = _direction(site, site.site_grad(), config.epsilon, config)
-    site.set_delta(delta)
+    # No local reference to delta: once installed, only the site holds what it needs.
+    site.set_delta(_direction(site, site.site_grad(), config.epsilon, config))
     try:
-        site.forward_backward(closure, param_grads=True)
+        site.forward_backward(closure, param_grads=True, keep_grad=False)
     finally:
         site.clear()
     return clean_loss
@@ -133,7 +133,7 @@ def pgd_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
             delta = project(delta, eps, norm=config.norm, per_sample=config.per_sample)
             site.set_delta(delta)
             last = step == config.steps - 1
-            site.forward_backward(closure, param_grads=last)
+            site.forward_backward(closure, param_grads=last, keep_grad=not last)
             if not last:
                 grad = site.site_grad()
     finally:
@@ -167,23 +167,27 @@ def freelb_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
     """
     scale = 1.0 / config.steps
     first_loss = None
-    delta = None
+    box: dict[str, Array] = {}
     if config.random_init:
-        site.set_delta(lambda like: _freelb_init(like, config))
+
+        def start(like: Array) -> Array:
+            box["delta"] = _freelb_init(like, config)
+            return box["delta"]
+
+        site.set_delta(start)
     try:
         for step in range(config.steps):
-            loss = site.forward_backward(closure, param_grads=True, scale=scale)
+            last = step == config.steps - 1
+            loss = site.forward_backward(closure, param_grads=True, scale=scale, keep_grad=not last)
             if first_loss is None:
                 first_loss = loss
-            if step == config.steps - 1:
+            if last:
                 break
-            grad = site.site_grad()
-            if delta is None:
-                delta = site.current_delta() if config.random_init else None
-            ascent = _direction(site, grad, config.alpha, config)
-            delta = ascent if delta is None else delta + ascent
+            ascent = _direction(site, site.site_grad(), config.alpha, config)
+            delta = box["delta"] + ascent if "delta" in box else ascent
             if config.epsilon is not None:
                 delta = project(delta, config.epsilon, norm=config.norm, per_sample=config.per_sample)
+            box["delta"] = delta
             site.set_delta(delta)
     finally:
         site.clear()
@@ -269,7 +273,9 @@ def vat_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
             if step < config.steps - 1:
                 site.set_delta(_direction(site, grad, config.xi, config))
         site.set_delta(_direction(site, grad, config.epsilon, config))
-        vat_loss = site.forward_backward(kl, param_grads=True, scale=config.vat_weight)
+        vat_loss = site.forward_backward(
+            kl, param_grads=True, scale=config.vat_weight, keep_grad=False
+        )
     finally:
         site.clear()
     return clean_loss if clean_loss is not None else vat_loss
@@ -282,6 +288,20 @@ _STEPS: dict[str, Callable[[Site, Closure, AdversarialConfig], Any]] = {
     "freelb": freelb_step,
     "vat": vat_step,
 }
+
+
+def passes(config: AdversarialConfig) -> int:
+    """Forward/backward passes one training step of ``config.method`` runs.
+
+    Adapters use it to treat the last pass specially (e.g. DDP's gradient sync).
+    """
+    if config.method in ("fgm", "fgsm"):
+        return 2
+    if config.method == "pgd":
+        return config.steps + 1
+    if config.method == "freelb":
+        return config.steps
+    return config.steps + 2  # vat: clean pass, power iterations, adversarial pass
 
 
 def run_method(site: Site, closure: Closure, config: AdversarialConfig) -> Any:

@@ -9,10 +9,15 @@ the other way round in one process can crash. Both imports are optional.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import numpy as np
 import pytest
+
+# tests/reliability/ shares the model zoo of this folder (torch_models).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 try:  # torch first: see the module docstring.
     import torch

@@ -14,16 +14,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from advgraph._config import AdversarialConfig
 from advgraph._errors import AdvGraphWarning, received
-from advgraph._methods import run_method, single_delta
+from advgraph._methods import passes, run_method, single_delta
 
 from ._fx import TraceRejected, trace_model, trace_module
 from ._site import MatrixSite, OutputSite, Perturbation, Stats
@@ -45,6 +47,145 @@ class _State:
     original: nn.Module | None = None  # fx route: the untouched user model
     replaced: tuple[str, str, nn.Module] | None = None  # (parent path, child, module)
     handles: list[Any] = field(default_factory=list)
+    sync: "_SyncDeferral | None" = None
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+class _SyncDeferral:
+    """Keeps DistributedDataParallel from all-reducing in every pass of a step but the last.
+
+    While ``active`` (set for the passes before the last one of ``adversarial_step``),
+    the forward pre-hook of the wrapped module turns off ``require_backward_grad_sync``
+    -- what ``DistributedDataParallel.no_sync()`` does -- on
+
+    * the wrapped module itself when it is a DDP module (``advgraph.wrap(DDP(model))``;
+      its pre-hook runs before DDP's forward reads the flag), and
+    * the DDP module whose forward is running (``DDP(advgraph.wrap(model))`` with the
+      closure calling the DDP module; Lightning, whose DDP forward runs the whole
+      ``training_step``). DDP reads the flag after the inner forward, and Lightning
+      before ``manual_backward``, so turning it off here is as good as ``no_sync()``.
+
+    Those passes accumulate their gradients locally; the last pass's synced backward
+    all-reduces the accumulated ``.grad`` once (DDP's gradient-accumulation semantics),
+    so the clean gradients of ``objective="clean+adv"`` are included. ``resume`` turns
+    the flags back on after each pass. A flag already off (the user's or the
+    Trainer's ``no_sync()`` for a gradient-accumulation micro-batch) is left alone.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.deferred = 0  # passes of the current step whose sync was deferred
+        self._paused: list[Any] = []
+
+    def before_forward(self, module: nn.Module, *_: Any) -> None:
+        if not self.active:
+            return
+        for ddp in (module, getattr(DistributedDataParallel, "_active_ddp_module", None)):
+            if isinstance(ddp, DistributedDataParallel) and ddp.require_backward_grad_sync:
+                ddp.require_backward_grad_sync = False
+                self._paused.append(ddp)
+                self.deferred += 1
+
+    def resume(self) -> None:
+        while self._paused:
+            self._paused.pop().require_backward_grad_sync = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"active": False, "deferred": 0, "_paused": []}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_SyncDeferral":
+        new = _SyncDeferral()
+        memo[id(self)] = new
+        return new
+
+
+class _StepRunner:
+    """The site as the method sees it during one ``adversarial_step``.
+
+    Counts the passes: every pass but the last runs with DDP's gradient sync
+    deferred; the passes that accumulate parameter gradients backpropagate with
+    the caller's ``backward`` (e.g. ``accelerator.backward``) when one is given.
+    """
+
+    def __init__(self, site: Any, sync: _SyncDeferral, backward: Any, passes: int) -> None:
+        self.site = site
+        self.sync = sync
+        self.backward = backward
+        self.passes = passes
+        self.done = 0
+
+    def forward_backward(self, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        self.done += 1
+        self.sync.active = self.done < self.passes
+        self.site.backward = self.backward
+        try:
+            return self.site.forward_backward(closure, **kwargs)
+        finally:
+            self.sync.active = False
+            self.sync.resume()
+            self.site.backward = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.site, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("site", "sync", "backward", "passes", "done"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.site, name, value)
+
+
+def _fsdp_classes() -> tuple[type, ...]:
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return ()
+    names = ("FullyShardedDataParallel", "FSDPModule")
+    return tuple(c for c in (getattr(fsdp, n, None) for n in names) if isinstance(c, type))
+
+
+def _sharded_weight(weight: Any) -> str | None:
+    """Why ``weight`` is a sharded parameter, or None."""
+    if getattr(weight, "_fsdp_flattened", False):
+        return "FullyShardedDataParallel flat parameter"
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(dtensor_module, "DTensor", None)
+    if isinstance(dtensor, type) and isinstance(weight, dtensor):
+        return "DTensor (FSDP2 fully_shard / tensor parallel)"
+    if hasattr(weight, "ds_id"):
+        return "DeepSpeed ZeRO-3 partitioned parameter"
+    return None
+
+
+def _sharding_of(model: nn.Module, path: str, module: nn.Module) -> str | None:
+    """Why the target's parameters are sharded (FSDP / ZeRO-3) at wrap time, or None."""
+    classes = _fsdp_classes()
+    parts = path.split(".")
+    for depth in range(len(parts) + 1):
+        prefix = ".".join(parts[:depth])
+        owner = model.get_submodule(prefix) if prefix else model
+        if classes and isinstance(owner, classes):
+            return f"{prefix or '<root>'} is {type(owner).__name__} (FSDP)"
+    return _sharded_weight(getattr(module, "weight", None))
+
+
+def _refuse_sharded_matrix(state: _State) -> None:
+    """mode='matrix' at step time: the weight must still be the plain Parameter."""
+    weight = getattr(state.site.embedding, "weight", None)
+    why = _sharded_weight(weight)
+    if why is None and not isinstance(weight, nn.Parameter):
+        why = f"the embedding weight is now a {type(weight).__name__}, not an nn.Parameter (FSDP flattening)"
+    if why is not None:
+        raise ValueError(_SHARDED_MATRIX + received(target=state.target_path, sharding=why))
+
+
+_SHARDED_MATRIX = (
+    "mode='matrix' edits the rows of the embedding weight in place and restores them by "
+    "copying; on a sharded parameter (FSDP, FSDP2 fully_shard, DeepSpeed ZeRO-3) the "
+    "rows cannot be edited and restored exactly. Use mode='output', which works with "
+    "sharded parameters. "
+)
 
 
 def _state(module: Any) -> _State:
@@ -74,7 +215,12 @@ class AdversarialModule:
         1
     """
 
-    def adversarial_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def adversarial_step(
+        self,
+        closure: Callable[[], torch.Tensor],
+        *,
+        backward: Callable[[torch.Tensor], Any] | None = None,
+    ) -> torch.Tensor:
         """Run every forward/backward pass of the method for one training step.
 
         ``closure`` runs the wrapped model on the batch and returns the scalar loss
@@ -82,6 +228,20 @@ class AdversarialModule:
         ``.grad`` as the method and ``objective`` prescribe; call
         ``optimizer.step()`` afterwards. Parameters are left exactly as they were
         (bit for bit), also when a pass raises.
+
+        Under ``DistributedDataParallel`` (either ``advgraph.wrap(DDP(model))``, or
+        ``DDP(advgraph.wrap(model))`` with the closure calling the DDP module) every
+        pass but the last runs without gradient sync, as under ``no_sync()``: the
+        gradients are all-reduced once per step, clean gradients included.
+
+        Args:
+            closure: runs the forward on the batch and returns the scalar loss.
+            backward: backpropagates the loss of the passes that accumulate
+                parameter gradients instead of ``loss.backward()``, e.g.
+                ``accelerator.backward`` or a LightningModule's ``manual_backward``
+                (they scale the loss for gradient accumulation / mixed precision).
+                The passes that only need the gradient at the embedding use
+                ``torch.autograd.grad`` on the closure's loss.
 
         Returns:
             The clean loss, detached.
@@ -92,12 +252,30 @@ class AdversarialModule:
                 "adversarial_step() takes a closure: a function of no arguments that runs "
                 f"the wrapped model and returns the loss. {received(closure=closure)}"
             )
+        if backward is not None and not callable(backward):
+            raise TypeError(
+                "adversarial_step(backward=...) takes a function that backpropagates a loss "
+                f"(e.g. accelerator.backward), or None. {received(backward=backward)}"
+            )
+        if state.config.mode == "matrix":
+            _refuse_sharded_matrix(state)
         if state.site.active:
             raise RuntimeError(
                 "adversarial_step() was called inside perturbed(); leave the block first. "
                 f"{received(perturbation_active=True)}"
             )
-        loss = run_method(state.site, closure, state.config)
+        if state.sync is None:  # a module wrapped before this field existed
+            state.sync = _SyncDeferral()
+        runner = _StepRunner(state.site, state.sync, backward, passes(state.config))
+        state.sync.deferred = 0
+        loss = run_method(runner, closure, state.config)
+        if runner.done < runner.passes and state.sync.deferred:
+            # The last pass ran with DDP's sync deferred: gradients were not all-reduced.
+            raise RuntimeError(
+                "advgraph internal error: the method ran fewer passes than _pass_count() "
+                "expects, so DDP's gradient sync was deferred in its last pass. "
+                f"{received(method=state.config.method, passes=runner.done, expected=runner.passes)}"
+            )
         state.stats.steps += 1
         return loss
 
@@ -115,12 +293,17 @@ class AdversarialModule:
             raise RuntimeError(
                 f"perturbed() blocks cannot be nested. {received(perturbation_active=True)}"
             )
-        delta = single_delta(site, state.config)
-        site.set_delta(delta)
+        if state.config.mode == "matrix":
+            _refuse_sharded_matrix(state)
+        # No local reference to delta: in matrix mode the site applies it in place and
+        # keeps only the saved rows, so the block holds O(rows x d) once, not twice.
+        site.set_delta(single_delta(site, state.config))
         state.stats.steps += 1
+        site.capturing = False  # the pass inside the block needs no gradient at the site
         try:
             yield self
         finally:
+            site.capturing = True
             site.clear()
 
     @property
@@ -228,7 +411,10 @@ def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module
     handles: list[Any] = []
     original: nn.Module | None = None
     replaced: tuple[str, str, nn.Module] | None = None
+    sharding = _sharding_of(model, path, module)
     if config.mode == "matrix":
+        if sharding is not None:
+            raise ValueError(_SHARDED_MATRIX + received(target=path, sharding=sharding))
         _check_matrix_target(model, path, module)
         site: Any = MatrixSite(module, stats)
         handles.append(module.register_forward_hook(site.on_forward))
@@ -240,22 +426,30 @@ def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module
             return Perturbation(site)
 
         try:
+            if sharding is not None:
+                # FSDP / ZeRO-3 manage the target's parameters through the module
+                # object itself; a traced copy would read stale parameters.
+                raise TraceRejected(f"the target's parameters are sharded: {sharding}")
             host, route, original = trace_model(model, path, make), "fx", model
         except TraceRejected as why_model:
             logger.info("advgraph: whole-model fx trace not used: %s", why_model)
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path)
             try:
+                if sharding is not None:
+                    raise TraceRejected(f"the target's parameters are sharded: {sharding}")
                 gm = trace_module(module, make)
             except TraceRejected as why_module:
                 logger.info("advgraph: fx trace of %s not used: %s", path, why_module)
-                handles.append(module.register_forward_hook(lambda m, a, out: site.on_output(out)))
+                handles.append(module.register_forward_hook(site.output_hook))
                 host, route = model, "hook"
             else:
                 setattr(parent, child, gm)
                 replaced = (parent_path, child, module)
                 host, route = model, "fx-submodule"
     handles.append(host.register_forward_pre_hook(site.begin_forward))
+    sync = _SyncDeferral()
+    handles.append(host.register_forward_pre_hook(sync.before_forward))
     state = _State(
         config=config,
         site=site,
@@ -266,6 +460,7 @@ def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module
         original=original,
         replaced=replaced,
         handles=handles,
+        sync=sync,
     )
     host.__class__ = _wrapped_class(type(host))
     host.__dict__["_advgraph"] = state

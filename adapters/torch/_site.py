@@ -64,18 +64,34 @@ class _Site:
         self._outputs: list[torch.Tensor] = []
         self._keep_outputs = False
         self._grad_parts: list[tuple[Any, torch.Tensor]] = []
+        self._pass = 0
+        self._grad_pass = -1
+        self.capturing = True  # False while a pass needs no gradient at the site
         self.active = False
+        # Set by adversarial_step(backward=...) for one step: runs the backward of the
+        # passes that accumulate parameter gradients (e.g. accelerator.backward).
+        self.backward: Callable[[torch.Tensor], Any] | None = None
 
     # -- capture ------------------------------------------------------------
     def begin_forward(self, *_: Any) -> None:
         """Forward pre-hook of the wrapped model: a new pass begins."""
         self._outputs = []
-        self._grad_parts = []
+        self._pass += 1
 
     def _capture(self, out: torch.Tensor, key: Any = None) -> None:
         if self._keep_outputs:
             self._outputs.append(out)
-        out.register_hook(lambda g: self._grad_parts.append((key, g)))
+        if not self.capturing:
+            return
+        out.register_hook(lambda g, p=self._pass: self._on_grad(p, key, g))
+
+    def _on_grad(self, pass_id: int, key: Any, grad: torch.Tensor) -> None:
+        # The gradient parts of the latest pass whose backward ran replace older ones;
+        # a forward that fails before its backward leaves the last gradient intact.
+        if pass_id != self._grad_pass:
+            self._grad_parts = []
+            self._grad_pass = pass_id
+        self._grad_parts.append((key, grad))
 
     # -- Site interface -------------------------------------------------------
     def forward_backward(
@@ -85,9 +101,11 @@ class _Site:
         param_grads: bool,
         scale: float = 1.0,
         allow_none: bool = False,
+        keep_grad: bool = True,
     ) -> torch.Tensor | None:
         self.begin_forward()
         self._keep_outputs = True
+        self.capturing = keep_grad
         try:
             loss = closure()
             if loss is None and allow_none:
@@ -98,29 +116,45 @@ class _Site:
                 raise ValueError(
                     "The closure's forward did not run the wrapped embedding with autograd "
                     "enabled, so there is no gradient at the perturbation site. Call the "
-                    f"wrapped model inside the closure. {received(embedding_calls=0)}"
+                    "wrapped model inside the closure (with DistributedDataParallel: give "
+                    "DDP the object advgraph.wrap() returned, or wrap the DDP module). "
+                    f"{received(embedding_calls=0)}"
                 )
             target = loss if scale == 1.0 else loss * scale
+            self._grad_parts, self._grad_pass = [], -1
             if param_grads:
-                target.backward()
+                if self.backward is None:
+                    target.backward()
+                else:
+                    self.backward(target)
             else:
                 torch.autograd.grad(target, outputs, allow_unused=True)
         finally:
             self._keep_outputs = False
             self._outputs = []
+            self.capturing = True
         return loss.detach()
 
     def has_grad(self) -> bool:
         return bool(self._grad_parts)
 
     def site_grad(self) -> torch.Tensor:
+        """The gradient at the site from the last backward; each one is used once.
+
+        Reading it releases it, so that nothing O(batch) or O(rows) stays alive
+        through the next pass.
+        """
         if not self._grad_parts:
             raise RuntimeError(
                 "No gradient at the perturbation site: run a forward and a backward of the "
                 "wrapped model (with a loss that depends on the embedding) before "
-                f"perturbed(). {received(recorded_gradients=0)}"
+                "perturbed(); each backward's gradient gives one delta. "
+                f"{received(recorded_gradients=0)}"
             )
-        return self._grad()
+        try:
+            return self._grad()
+        finally:
+            self._grad_parts = []
 
     def _grad(self) -> torch.Tensor:
         raise NotImplementedError
@@ -149,6 +183,7 @@ class _Site:
         state = self.__dict__.copy()
         state["_outputs"] = []
         state["_grad_parts"] = []
+        state["backward"] = None
         return state
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "_Site":
@@ -190,6 +225,14 @@ class OutputSite(_Site):
             self._capture(x)
         return x
 
+    def output_hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        """Forward hook of the target (the hook route): same as the perturbation node.
+
+        A bound method, not a lambda, so that ``copy.deepcopy`` of the model gives the
+        copy's hook the copy's site.
+        """
+        return self.on_output(output)
+
     def _grad(self) -> torch.Tensor:
         if len(self._grad_parts) > 1:
             raise ValueError(
@@ -202,9 +245,6 @@ class OutputSite(_Site):
     def set_delta(self, delta: Any) -> None:
         self.delta = delta if callable(delta) else delta.detach()
         self.active = True
-
-    def current_delta(self) -> torch.Tensor | None:
-        return None if callable(self.delta) else self.delta
 
     def clear(self) -> None:
         self.delta = None
@@ -228,7 +268,6 @@ class MatrixSite(_Site):
         self.embedding = embedding
         self._rows: torch.Tensor | None = None
         self._saved: torch.Tensor | None = None
-        self._delta: torch.Tensor | None = None
         self._pending: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
@@ -251,20 +290,31 @@ class MatrixSite(_Site):
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
             self._capture(output, key=args[0].detach())
 
-    def _grad(self) -> torch.Tensor:
-        ids = torch.cat([key.reshape(-1) for key, _ in self._grad_parts])
-        dim = self.weight.shape[1]
-        grads = torch.cat([g.reshape(-1, dim) for _, g in self._grad_parts])
+    def _rows_grad(self, ids: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the embedding's backward computes, for the touched rows only."""
         rows, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
         acc_dtype = torch.float32 if grads.dtype in (torch.float16, torch.bfloat16) else grads.dtype
-        out = torch.zeros(rows.shape[0], dim, dtype=acc_dtype, device=grads.device)
+        out = torch.zeros(rows.shape[0], grads.shape[1], dtype=acc_dtype, device=grads.device)
         out.index_add_(0, inverse, grads.to(acc_dtype))
         emb = self.embedding
         if getattr(emb, "scale_grad_by_freq", False):
-            out = out / counts.to(acc_dtype).unsqueeze(1)
+            out.div_(counts.to(acc_dtype).unsqueeze(1))
         padding_idx = getattr(emb, "padding_idx", None)
         if padding_idx is not None:
-            out = out.masked_fill((rows == padding_idx).unsqueeze(1), 0.0)
+            out.masked_fill_((rows == padding_idx).unsqueeze(1), 0.0)
+        return rows, out
+
+    def _grad(self) -> torch.Tensor:
+        # The output gradient is reduced to the touched rows only when read: during the
+        # backward, the reference held here is one autograd holds anyway, so the peak
+        # memory of a step grows by the saved rows alone.
+        dim = self._grad_parts[0][1].shape[-1]
+        if len(self._grad_parts) == 1:
+            ids, grads = self._grad_parts[0][0].reshape(-1), self._grad_parts[0][1].reshape(-1, dim)
+        else:  # the embedding ran several times in one pass
+            ids = torch.cat([key.reshape(-1) for key, _ in self._grad_parts])
+            grads = torch.cat([g.reshape(-1, dim) for _, g in self._grad_parts])
+        rows, out = self._rows_grad(ids, grads)
         if self._saved is not None and not torch.equal(rows, self._rows):
             raise ValueError(
                 "The batch touched other embedding rows in this pass than in the pass the "
@@ -288,15 +338,11 @@ class MatrixSite(_Site):
             else:
                 weight.index_copy_(0, self._rows, self._saved)
             self.active = True
-            self._delta = delta.detach()
-            weight.index_add_(0, self._rows, self._delta.to(weight.dtype))
-
-    def current_delta(self) -> torch.Tensor | None:
-        return self._delta
+            # W[rows] += delta in place: delta itself is not kept.
+            weight.index_add_(0, self._rows, delta.detach().to(weight.dtype))
 
     def clear(self) -> None:
         self._pending = None
-        self._delta = None
         if self._saved is not None:
             with torch.no_grad():
                 self.weight.index_copy_(0, self._rows, self._saved)

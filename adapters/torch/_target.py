@@ -62,6 +62,10 @@ def find_target(model: nn.Module, target: Any) -> tuple[str, nn.Module]:
         )
     if target == "embedding":
         getter = getattr(model, "get_input_embeddings", None)
+        inner = getattr(model, "module", None)
+        if not callable(getter) and isinstance(inner, nn.Module):
+            # DistributedDataParallel / DataParallel around a HuggingFace model.
+            getter = getattr(inner, "get_input_embeddings", None)
         if callable(getter):
             try:
                 module = getter()
