@@ -1,0 +1,535 @@
+"""Perturbation sites for Keras 3 (TensorFlow backend), and the step counters.
+
+Both sites implement :class:`advgraph._methods.Site`, so the methods of
+``advgraph._methods`` run on them unchanged. Everything here is graph-safe: it
+runs inside the compiled train function (``tf.function``, also with
+``jit_compile=True``), with no host round-trip.
+
+A site lives for one trace of ``train_step``: the Python state it holds (the
+captured tensors, the parameter gradients summed so far) is symbolic state of that
+trace. Under ``tf.distribute.MirroredStrategy`` each replica traces its own
+``train_step`` in its own thread, so each replica gets its own site; the target
+layer reaches the right one through :class:`SiteHook`, which is thread-local.
+
+Matrix mode:
+    g is the gradient of the loss w.r.t. the ``embeddings`` variable. For a lookup it
+    arrives as ``IndexedSlices``: one row per id *position* (``N`` = batch x
+    sequence positions), duplicates not summed. The site reduces it to the touched
+    rows in a canonical layout, the distinct ids in ascending order (the layout
+    depends only on the set of ids, so every pass, replica and random start agrees):
+
+    1. ``order = argsort(ids)``; a position of the sorted ids starts a new row when
+       its id differs from the previous one; ``rank = cumsum(starts) - 1``;
+       ``seg[order] = rank`` maps every position to its row.
+    2. ``rows = unsorted_segment_sum(values, seg, num)`` is the gradient of the
+       touched rows; ``delta = epsilon * rows / ||rows||`` is the global-norm delta
+       of the matrix (untouched rows have zero gradient and get no delta).
+    3. Every position ``i`` writes matrix row ``ids[i]`` with ``saved[i] +
+       delta[seg[i]]`` (``scatter_update``: assign semantics). Positions sharing an
+       id write identical bytes, so duplicates are harmless. Restore writes
+       ``saved[i]``, the bytes read before: bit-exact, never a subtraction.
+
+    ``num`` = the number of distinct ids is data-dependent (as ``tf.unique``'s
+    output shape), which XLA cannot compile. With ``jit_compile=True`` the site uses
+    ``num = N`` instead: the distinct rows first, zero rows after. Zero rows change
+    neither an l2 norm nor a sign, so every gradient-driven delta (FGM, FGSM, PGD
+    and FreeLB ascent steps, VAT's directions) is the same; only a random start
+    (PGD/FreeLB ``random_init``, VAT's first direction) also draws noise for the
+    padding rows, which is never written to the matrix but counts in its norm, so
+    the start is somewhat smaller than without XLA. argsort, cumsum, scatter_nd,
+    segment sums, gather and scatter_update all compile with static shapes.
+
+    Extra memory per step: ``O(N * d)`` (the saved rows and delta), never a copy
+    of the whole matrix. A dense gradient (the matrix is also used outside a
+    lookup, e.g. tied to an output layer) gives a delta on the whole matrix, saved
+    and restored whole.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import keras
+import tensorflow as tf
+
+from advgraph._delta import DeltaResult
+from advgraph._errors import received
+
+__all__ = ["Stats", "SiteHook", "OutputSite", "MatrixSite", "Perturbation", "add_grads"]
+
+STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")
+
+
+def _all_reduce_sum(value: Any) -> Any:
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync <= 1:
+        return value
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+class Stats(Mapping):
+    """Counters of one wrapped model, read on the host as ``model.advgraph_stats``.
+
+    ``steps``: adversarial deltas computed; ``skipped_nonfinite`` / ``skipped_zero``:
+    steps whose gradient at the site held NaN/inf or was zero (for some sample in
+    output mode), so delta was 0 there. The values live in ``tf.Variable`` s that the
+    train function updates in-graph; reading a key reads the variable (one host
+    transfer per read, none per training step).
+
+    Example:
+        >>> import tensorflow as tf
+        >>> from advgraph.adapters.keras._site import Stats
+        >>> stats = Stats(tf.distribute.get_strategy())
+        >>> dict(stats)
+        {'steps': 0, 'skipped_nonfinite': 0, 'skipped_zero': 0}
+    """
+
+    def __init__(self, strategy: Any) -> None:
+        with strategy.scope():
+            self._vars = {
+                key: tf.Variable(
+                    tf.constant(0, tf.int64),
+                    trainable=False,
+                    name=f"advgraph_{key}",
+                    synchronization=tf.VariableSynchronization.ON_READ,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                )
+                for key in STAT_KEYS
+            }
+
+    def __getitem__(self, key: str) -> int:
+        return int(self._vars[key].numpy())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(STAT_KEYS)
+
+    def __len__(self) -> int:
+        return len(STAT_KEYS)
+
+    def __repr__(self) -> str:
+        return f"advgraph_stats({dict(self)})"
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self)
+
+    def reset(self) -> None:
+        """Set every counter to 0 (host side)."""
+        for var in self._vars.values():
+            var.assign(tf.constant(0, tf.int64))
+
+    def record(self, result: DeltaResult) -> None:
+        """Count one delta computation (in-graph; replicas agree on the flags)."""
+        flags = tf.stack(
+            [
+                tf.reduce_any(tf.convert_to_tensor(result.nonfinite)),
+                tf.reduce_any(tf.convert_to_tensor(result.zero)),
+            ]
+        )
+        flags = tf.cast(flags, tf.int64)
+        flags = tf.minimum(_all_reduce_sum(flags), 1)
+        self._vars["steps"].assign_add(tf.constant(1, tf.int64))
+        self._vars["skipped_nonfinite"].assign_add(flags[0])
+        self._vars["skipped_zero"].assign_add(flags[1])
+
+
+def add_grads(a: Any, b: Any) -> Any:
+    """Sum two gradients of one variable (None, dense tensors or IndexedSlices).
+
+    Two ``IndexedSlices`` are concatenated (duplicate indices add up when the
+    optimizer applies them), so a sparse gradient stays sparse.
+    """
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
+        indices = tf.concat([a.indices, tf.cast(b.indices, a.indices.dtype)], axis=0)
+        return tf.IndexedSlices(
+            tf.concat([a.values, b.values], axis=0), indices, a.dense_shape
+        )
+    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
+
+
+def check_loss(loss: Any) -> tf.Tensor:
+    if not tf.is_tensor(loss):
+        raise TypeError(
+            "The training step's loss must be a scalar tensor. "
+            f"{received(loss_type=type(loss).__name__)}"
+        )
+    if loss.shape.rank not in (None, 0):
+        raise ValueError(
+            "The training step's loss must be a scalar (compute_loss reduces it). "
+            f"{received(loss_shape=tuple(loss.shape))}"
+        )
+    return loss
+
+
+class _KerasSite:
+    """What both sites share: one forward/backward under a GradientTape."""
+
+    mode = "abstract"
+
+    def __init__(self, model: keras.Model, stats: Stats) -> None:
+        self.model = model
+        self.stats = stats
+        self.param_grads: list[Any] | None = None
+        self.variables: list[Any] = list(model.trainable_variables)
+        self._grad: Any = None
+        self._tape: tf.GradientTape | None = None
+        self._graph: Any = None
+
+    # -- hooks for the subclasses -------------------------------------------------
+    def _begin_pass(self, tape: tf.GradientTape) -> None:
+        pass
+
+    def _sources(self) -> list[Any]:
+        raise NotImplementedError
+
+    def _take_grad(self, grads: list[Any]) -> None:
+        raise NotImplementedError
+
+    def in_pass(self) -> bool:
+        """Whether a forward of this step runs now (not a Keras shape-inference call).
+
+        Keras' ``compute_output_spec`` calls layers in a scratch graph while building;
+        those calls are not passes of the step and must be left alone.
+        """
+        return self._tape is not None and tf.compat.v1.get_default_graph() is self._graph
+
+    # -- Site interface -----------------------------------------------------------
+    def forward_backward(
+        self,
+        closure: Callable[[], Any],
+        *,
+        param_grads: bool,
+        scale: float = 1.0,
+        allow_none: bool = False,
+        keep_grad: bool = True,
+    ) -> Any:
+        optimizer = getattr(self.model, "optimizer", None)
+        with tf.GradientTape() as tape:
+            self._tape = tape
+            self._graph = tf.compat.v1.get_default_graph()
+            self._begin_pass(tape)
+            try:
+                loss = closure()
+            finally:
+                self._tape = None
+            if loss is None and allow_none:
+                return None
+            loss = check_loss(loss)
+            unit = isinstance(scale, (int, float)) and scale == 1.0
+            target = loss if unit else loss * tf.cast(scale, loss.dtype)
+            if optimizer is not None:
+                target = optimizer.scale_loss(target)
+        sources = self._sources()
+        if not keep_grad:
+            sources = []
+        if not self.variables:  # a model built by its first call, inside this trace
+            self.variables = list(self.model.trainable_variables)
+        variables = self.variables if param_grads else []
+        if not sources and not variables:
+            return tf.stop_gradient(loss)
+        grads = tape.gradient(target, sources + variables)
+        if keep_grad:
+            self._take_grad(grads[: len(sources)])
+        if param_grads:
+            new = grads[len(sources) :]
+            if self.param_grads is None:
+                self.param_grads = list(new)
+            else:
+                self.param_grads = [add_grads(a, b) for a, b in zip(self.param_grads, new)]
+        return tf.stop_gradient(loss)
+
+    def site_grad(self) -> Any:
+        """The gradient at the site of the last pass that kept one; read once."""
+        if self._grad is None:
+            raise RuntimeError(
+                "No gradient at the perturbation site: no forward_backward() with "
+                f"keep_grad=True since it was last read. {received(recorded_gradients=0)}"
+            )
+        grad, self._grad = self._grad, None
+        return grad
+
+    def record(self, result: DeltaResult) -> None:
+        self.stats.record(result)
+
+
+class SiteHook:
+    """Connects the target layer (perturbation layer or wrapped ``call``) to the site.
+
+    One per wrapped model, shared by every trace; the site of the step being traced
+    is thread-local (MirroredStrategy traces each replica in its own thread).
+    Outside an adversarial step it does nothing: the output is returned unchanged,
+    the same object, so predict/evaluate see the original model bit for bit.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def active_site(self) -> Any:
+        return getattr(self._local, "site", None)
+
+    @contextmanager
+    def activate(self, site: Any) -> Iterator[None]:
+        previous = self.active_site()
+        self._local.site = site
+        try:
+            yield
+        finally:
+            self._local.site = previous
+
+    def __call__(self, x: Any) -> Any:
+        """After the target: its output (mode='output')."""
+        site = self.active_site()
+        if site is None or not site.in_pass():
+            return x
+        return site.on_output(x)
+
+    def before(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Before the target: its inputs (mode='matrix': the token ids)."""
+        site = self.active_site()
+        if site is None or not site.in_pass():
+            return
+        inputs = args[0] if args else kwargs.get("inputs")
+        site.before_lookup(inputs)
+
+
+class OutputSite(_KerasSite):
+    """delta on the target layer's output, shape ``(b, n, d)`` (one per sample)."""
+
+    mode = "output"
+
+    def __init__(self, model: keras.Model, stats: Stats) -> None:
+        super().__init__(model, stats)
+        self.delta: Any = None
+        self._captured: list[Any] = []
+
+    def _begin_pass(self, tape: tf.GradientTape) -> None:
+        self._captured = []
+
+    def on_output(self, x: Any) -> Any:
+        """Called with the target's output during a forward of this step."""
+        if not tf.is_tensor(x):
+            raise ValueError(
+                "mode='output' needs a target layer that returns one tensor. "
+                f"{received(output_type=type(x).__name__)}"
+            )
+        if not x.dtype.is_floating:
+            raise ValueError(
+                "mode='output' needs a target whose output is floating point (an "
+                f"embedding's vectors). {received(output_dtype=x.dtype.name)}"
+            )
+        self._tape.watch(x)  # also when the embedding is frozen
+        self._captured.append(x)
+        if callable(self.delta):  # a random start: its shape is known only now
+            self.delta = self.delta(tf.zeros_like(x))
+        if self.delta is not None:
+            x = x + tf.cast(self.delta, x.dtype)
+        return x
+
+    def _sources(self) -> list[Any]:
+        if not self._captured:
+            raise ValueError(
+                "The forward of the training step did not run the target layer, so there is "
+                "no perturbation site. Train the model returned by advgraph.wrap(). "
+                f"{received(target_calls=0)}"
+            )
+        if len(self._captured) > 1:
+            raise ValueError(
+                "The target layer ran more than once in one forward; mode='output' needs one "
+                "call per forward (use mode='matrix', or target a layer called once). "
+                f"{received(target_calls=len(self._captured))}"
+            )
+        return self._captured
+
+    def _take_grad(self, grads: list[Any]) -> None:
+        grad = grads[0]
+        if grad is None:  # the loss does not depend on the embedding: delta = 0
+            grad = tf.zeros_like(self._captured[0])
+        self._grad = tf.convert_to_tensor(grad)
+
+    def set_delta(self, delta: Any) -> None:
+        self.delta = delta
+
+    def clear(self) -> None:
+        self.delta = None
+
+
+class MatrixSite(_KerasSite):
+    """delta on the rows of the ``embeddings`` variable that the batch touched.
+
+    See the module docstring for the row layout (and its static-shape variant
+    under XLA). Restore copies the saved rows back: bit-exact.
+    """
+
+    mode = "matrix"
+
+    def __init__(
+        self, model: keras.Model, stats: Stats, layer: keras.layers.Layer, static_shapes: bool
+    ) -> None:
+        super().__init__(model, stats)
+        self.layer = layer
+        self.static_shapes = static_shapes
+        self._ids: Any = None  # layout of the latest gradient / random start
+        self._seg: Any = None
+        self._dense = False
+        self._saved: Any = None  # rows (or matrix) saved before the installed delta
+        self._saved_ids: Any = None
+        self._pending: Callable[[Any], Any] | None = None
+
+    @property
+    def keras_variable(self) -> Any:
+        """The layer's ``embeddings`` (a Keras variable)."""
+        return self.layer.embeddings
+
+    @property
+    def variable(self) -> Any:
+        """The backing ``tf.Variable`` (a ``MirroredVariable`` under MirroredStrategy)."""
+        return self.keras_variable.value
+
+    def _begin_pass(self, tape: tf.GradientTape) -> None:
+        if self.layer.built:  # else it is created (and watched) by this forward
+            tape.watch(self.variable)  # also when the embedding is frozen
+
+    def _sources(self) -> list[Any]:
+        return [self.keras_variable]
+
+    # -- the row layout -------------------------------------------------------------
+    def _layout(self, ids: Any) -> tuple[Any, Any, Any]:
+        """``(ids, seg, num)``: flat ids, each position's row, the number of rows.
+
+        Rows are the distinct ids in ascending order (the layout depends on the set of
+        ids only, so every pass, replica and random start agrees on it). With
+        ``static_shapes`` (XLA) there are ``num = N`` rows, the distinct ids first and
+        zero rows after; else ``num`` = the number of distinct ids.
+        """
+        ids = tf.reshape(ids, [-1])
+        count = tf.shape(ids, out_type=tf.int32)[0]
+        order = tf.argsort(ids, stable=True)
+        ordered = tf.gather(ids, order)
+        positions = tf.range(count)
+        first = tf.logical_or(
+            tf.not_equal(ordered, tf.roll(ordered, 1, axis=0)), tf.equal(positions, 0)
+        )
+        rank = tf.cumsum(tf.cast(first, tf.int32)) - 1
+        seg = tf.scatter_nd(order[:, None], rank, tf.reshape(count, [1]))
+        num = count if self.static_shapes else tf.reduce_sum(tf.cast(first, tf.int32))
+        return ids, seg, num
+
+    def _take_grad(self, grads: list[Any]) -> None:
+        grad = grads[0]
+        var = self.variable
+        if grad is None:  # the loss does not depend on the matrix: delta = 0
+            grad = tf.zeros(var.shape, var.dtype)
+        # Every replica must write the same delta into its copy of the matrix.
+        grad = _all_reduce_sum(grad)
+        if isinstance(grad, tf.IndexedSlices):
+            self._ids, self._seg, num = self._layout(grad.indices)
+            self._dense = False
+            self._grad = tf.math.unsorted_segment_sum(grad.values, self._seg, num_segments=num)
+        else:  # the matrix is used outside a lookup too: delta on the whole matrix
+            self._ids = self._seg = None
+            self._dense = True
+            self._grad = tf.convert_to_tensor(grad)
+
+    # -- installing delta -------------------------------------------------------------
+    def _same_on_all_replicas(self, delta: Any) -> Any:
+        """Replica 0's delta everywhere (random starts are drawn per replica)."""
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or ctx.num_replicas_in_sync <= 1:
+            return delta
+        first = tf.equal(ctx.replica_id_in_sync_group, 0)
+        return ctx.all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.where(first, delta, tf.zeros_like(delta))
+        )
+
+    def _restore(self) -> None:
+        if self._saved is None:
+            return
+        var = self.variable
+        if self._saved_ids is None:
+            var.assign(self._saved)
+        else:
+            var.scatter_update(tf.IndexedSlices(self._saved, self._saved_ids))
+        self._saved = self._saved_ids = None
+
+    def _install(self, delta: Any) -> None:
+        var = self.variable
+        delta = self._same_on_all_replicas(tf.cast(delta, var.dtype))
+        self._restore()
+        if self._dense:
+            self._saved = tf.identity(var.read_value())
+            var.assign(self._saved + delta)
+            return
+        self._saved, self._saved_ids = tf.gather(var, self._ids), self._ids
+        rows = self._saved + tf.gather(delta, self._seg)
+        # Positions sharing an id write identical bytes: duplicates are harmless.
+        var.scatter_update(tf.IndexedSlices(rows, self._ids))
+
+    def before_lookup(self, inputs: Any) -> None:
+        """Before the embedding's lookup: materialise a delta given as a function."""
+        if self._pending is None or not tf.is_tensor(inputs) or not inputs.dtype.is_integer:
+            return
+        fn, self._pending = self._pending, None
+        ids = tf.reshape(inputs, [-1])
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            ids = ctx.all_gather(ids, axis=0)  # the rows of the whole global batch
+        self._ids, self._seg, num = self._layout(ids)
+        self._dense = False
+        var = self.variable
+        dtype = tf.float32 if var.dtype in (tf.float16, tf.bfloat16) else var.dtype
+        self._install(fn(tf.zeros(tf.stack([num, var.shape[1]]), dtype)))
+
+    def set_delta(self, delta: Any) -> None:
+        if callable(delta):  # installed by the next lookup, which knows the rows
+            self._restore()
+            self._pending = delta
+            return
+        if self._ids is None and not self._dense:
+            raise RuntimeError(
+                "set_delta() before any gradient at the site: the rows to perturb are not "
+                f"known. {received(rows_known=False)}"
+            )
+        self._install(delta)
+
+    def clear(self) -> None:
+        self._pending = None
+        self._restore()
+
+
+@keras.saving.register_keras_serializable(package="advgraph")
+class Perturbation(keras.layers.Layer):
+    """The layer the graph rewrite inserts right after the embedding's output.
+
+    Identity (it returns its input, the same tensor) except inside an adversarial
+    training step, where it adds the current delta. It has no weights.
+
+    Example:
+        >>> import numpy as np
+        >>> from advgraph.adapters.keras import Perturbation
+        >>> x = np.ones((1, 2, 3), "float32")
+        >>> bool((np.asarray(Perturbation()(x)) == x).all())
+        True
+    """
+
+    def __init__(self, hook: SiteHook | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self._advgraph_hook = hook
+
+    def call(self, inputs: Any) -> Any:
+        hook = self._advgraph_hook
+        if hook is None:
+            return inputs
+        return hook(inputs)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return super().get_config()

@@ -1,0 +1,93 @@
+"""The integration examples run as users run them (subprocesses, torchrun for the DDP ones)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+
+
+def needs(*modules: str) -> pytest.MarkDecorator:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed: {', '.join(missing)}")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str], timeout: int = 300) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, f"{args}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return proc.stdout
+
+
+def torchrun(script: str, *args: str) -> str:
+    return run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            str(EXAMPLES / script), *args,
+        ]
+    )  # fmt: skip
+
+
+def stats(line: str) -> dict:
+    return ast.literal_eval(re.search(r"advgraph (\{.*?\})", line).group(1))
+
+
+@needs("transformers", "accelerate")
+def test_hf_trainer_example_under_torchrun(tmp_path):
+    out = torchrun("hf_trainer.py", "--output-dir", str(tmp_path), "--steps", "30")
+    ranks = re.findall(r"rank (\d): (advgraph \{.*?\}), weights checksum (\S+)", out)
+    assert sorted(r for r, _, _ in ranks) == ["0", "1"], out
+    assert all(stats(s)["steps"] == 60 for _, s, _ in ranks)  # 30 steps x 2 micro-batches
+    assert ranks[0][2] == ranks[1][2]  # DDP through accelerate: the same weights on both ranks
+    assert "identical weights = True" in out
+    assert (tmp_path / "config.json").exists()
+
+
+@needs("torch.distributed")
+def test_ddp_torchrun_example():
+    out = torchrun("ddp_torchrun.py", "--epochs", "2")
+    assert "2 ranks hold identical weights: True" in out, out
+    accuracy = float(re.findall(r"test accuracy (\S+)", out)[-1])
+    assert accuracy > 0.8, out
+    assert stats(out)["steps"] == 2 * 32  # 2048 samples / 2 ranks / batch 32, per epoch
+
+
+@needs("lightning")
+def test_lightning_fit_example():
+    out = run([sys.executable, str(EXAMPLES / "lightning_fit.py"), "--epochs", "2"])
+    assert stats(out)["steps"] == 2 * 64, out
+    val_acc = float(re.search(r"'val_acc': ([0-9.]+)", out).group(1))
+    assert val_acc > 0.8, out
+
+
+@needs("keras", "tensorflow")
+def test_keras_fit_example():
+    out = run([sys.executable, str(EXAMPLES / "keras_fit.py")])
+    assert ast.literal_eval(re.search(r"stats=(\{.*?\})", out).group(1))["steps"] == 96, out
+    assert float(re.search(r"validation: loss=\S+ accuracy=([0-9.]+)", out).group(1)) > 0.9, out
+    assert "unwrapped: True" in out
+
+
+def test_quickstart_example():
+    out = run([sys.executable, str(EXAMPLES / "quickstart.py")])
+    assert "route=fx" in out, out
+    assert "'steps': 96" in out, out
