@@ -1,0 +1,80 @@
+"""Shared helpers: interleaved timing, medians, machine facts, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    for name in ("torch", "tensorflow", "keras", "transformers", "advgraph"):
+        module = sys.modules.get(name)
+        if module is not None:
+            info[name] = getattr(module, "__version__", "?")
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return info
+
+
+def interleaved(
+    variants: dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int = 2,
+    sync: Callable[[], None] = lambda: None,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Time each variant once per round, rounds in a shuffled order; return seconds."""
+    rng = random.Random(seed)
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):
+        rng.shuffle(names)
+        for name in names:
+            sync()
+            start = time.perf_counter()
+            variants[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    print(f"wrote {path}")
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
