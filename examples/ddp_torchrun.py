@@ -104,6 +104,10 @@ def main() -> None:
     if rank == 0:
         same = all(torch.equal(s, sums[0]) for s in sums)
         print(f"advgraph {wrapped.advgraph_stats}; {world} ranks hold identical weights: {same}")
+    # Orderly teardown: every rank done with collectives, DDP's reducer gone, then the
+    # process group (gloo can abort at exit when a rank tears down mid-collective).
+    dist.barrier()
+    del ddp
     dist.destroy_process_group()
 
 

@@ -100,6 +100,9 @@ def main() -> None:
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
     rank = trainer.args.process_index
     print(f"rank {rank}: advgraph {model.advgraph_stats}, weights checksum {checksum:.10e}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # orderly teardown under torchrun (see ddp_torchrun.py)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
