@@ -240,7 +240,10 @@ def test_save_and_load_wrapped_model(mode: str, kind: str, tmp_path) -> None:
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), wrapped.predict(x, verbose=0))
     # The loaded model is a plain compiled model: it can be wrapped again and trained.
     again = advgraph.wrap(loaded, mode=mode, epsilon=0.5)
+    before = [w.copy() for w in again.get_weights()]
     again.fit(x, y, batch_size=3, verbose=0)
+    assert again.advgraph_stats["steps"] > 0  # the reloaded model trains adversarially
+    assert any(not np.array_equal(a, b) for a, b in zip(before, again.get_weights()))
     weights_path = tmp_path / "m.weights.h5"
     wrapped.save_weights(weights_path)
     fresh = functional() if kind == "functional" else compiled(kind)
