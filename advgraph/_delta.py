@@ -63,16 +63,25 @@ def _axes(ndim: int, per_sample: bool) -> tuple[int, ...]:
     return tuple(range(1, ndim)) if per_sample else tuple(range(ndim))
 
 
-def _finite_part(ops: Ops, x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
-    """``x`` with NaN/inf entries set to 0, and per reduction whether ``x`` was all finite.
+def _finite_part(ops: Ops, x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Array]:
+    """``(clean, finite, peak)``: ``x`` with NaN/inf entries set to 0, per reduction
+    whether ``x`` was all finite, and ``max |clean|`` per reduction.
 
-    Masking first keeps every later operation finite: no ``inf * 0`` or overflowing
-    square is ever computed (numpy would warn, and raise under ``np.seterr``).
+    Masking keeps every later operation finite: no ``inf * 0`` or overflowing square
+    is ever computed (numpy would warn, and raise under ``np.seterr``). Eager numpy and
+    torch first check the peak, which they need anyway and which is finite only when
+    every entry is (NaN propagates through their max): the masking, a few passes over
+    the whole array, then runs only when something is non-finite. TensorFlow (graph
+    mode, XLA) always takes the branch-free path.
     """
+    if ops.name in ("numpy", "torch"):
+        peak = ops.amax(ops.abs(x), axes)
+        if bool(ops.isfinite(ops.amax(peak, tuple(range(ops.ndim(peak)))))):
+            return x, ops.isfinite(peak), peak
     mask = ops.isfinite(x)
     clean = ops.where(mask, x, ops.zeros_like(x))
     bad = ops.sum(ops.cast(ops.logical_not(mask), ops.dtype(x)), axes)
-    return clean, bad == 0.0
+    return clean, bad == 0.0, ops.amax(ops.abs(clean), axes)
 
 
 def _flag(ops: Ops, flag: Array, grad: Array, per_sample: bool) -> Array:
@@ -121,20 +130,23 @@ def compute_delta(
     norm = check_choice("norm", norm, NORMS)
     ops = _check_array(grad, per_sample)
     axes = _axes(ops.ndim(grad), per_sample)
-    g, finite = _finite_part(ops, ops.widen(grad), axes)
-    peak = ops.amax(ops.abs(g), axes)
+    g, finite, peak = _finite_part(ops, ops.widen(grad), axes)
     zero = ops.logical_and(finite, peak == 0.0)
     ok = ops.logical_and(finite, ops.logical_not(zero))
+    one = ops.zeros_like(peak) + 1.0
+    nothing = ops.zeros_like(peak)
+    # Skipped rows get a factor of 0 (a per-row array, not a pass over delta); g is
+    # finite after masking, so 0 * g is exactly 0.
     if norm == "l2":
-        one = ops.zeros_like(peak) + 1.0
         # peak of the masked part is finite; dividing by it keeps every square <= 1.
         scaled = g / ops.where(peak > 0.0, peak, one)
         sumsq = ops.where(ok, ops.sum(scaled * scaled, axes), one)
-        delta = scaled * (epsilon / ops.sqrt(sumsq))
+        delta = scaled * ops.where(ok, epsilon / ops.sqrt(sumsq), nothing)
     else:
-        delta = ops.sign(g) * epsilon
-    delta = ops.where(ok, delta, ops.zeros_like(delta))
+        delta = ops.sign(g) * ops.where(ok, one * epsilon, nothing)
     delta = ops.cast(delta, ops.dtype(grad))
+    if ops.ndim(grad) == 0:  # numpy turns 0-d results into scalars: hand back an array
+        delta = ops.reshape(delta, ())
     return DeltaResult(
         delta,
         _flag(ops, ops.logical_not(finite), grad, per_sample),
@@ -196,9 +208,8 @@ def project(
     norm = check_choice("norm", norm, NORMS)
     ops = _check_array(delta, per_sample, name="delta")
     axes = _axes(ops.ndim(delta), per_sample)
-    d, finite = _finite_part(ops, ops.widen(delta), axes)
+    d, finite, peak = _finite_part(ops, ops.widen(delta), axes)
     if norm == "l2":
-        peak = ops.amax(ops.abs(d), axes)
         ok = ops.logical_and(finite, peak > 0.0)
         one = ops.zeros_like(peak) + 1.0
         safe_peak = ops.where(peak > 0.0, peak, one)

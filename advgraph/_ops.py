@@ -185,6 +185,10 @@ class _ArrayApiOps(Ops):
         return self.xp.max(x, axis=tuple(axes), keepdims=True)
 
     def reshape(self, x: Array, shape: Sequence[int]) -> Array:
+        if self.name == "numpy":  # numpy scalars (0-d results) become arrays again
+            import numpy as np
+
+            return np.asarray(x).reshape(tuple(shape))
         return self.xp.reshape(x, tuple(shape))
 
     def generator(self, rng: Any = None) -> Any:
