@@ -272,7 +272,7 @@ class AdversarialModule:
         if runner.done < runner.passes and state.sync.deferred:
             # The last pass ran with DDP's sync deferred: gradients were not all-reduced.
             raise RuntimeError(
-                "advgraph internal error: the method ran fewer passes than _pass_count() "
+                "advgraph internal error: the method ran fewer passes than advgraph._methods.passes() "
                 "expects, so DDP's gradient sync was deferred in its last pass. "
                 f"{received(method=state.config.method, passes=runner.done, expected=runner.passes)}"
             )
