@@ -17,11 +17,37 @@ from advgraph._delta import DeltaResult, compute_delta, project, random_init
 from advgraph._errors import received
 from advgraph._ops import Ops, ops_for
 
-__all__ = ["Site", "passes", "run_method", "single_delta"]
+__all__ = ["Site", "passes", "run_method", "single_delta", "tree_map"]
 
 Array = Any
 Closure = Callable[[], Any]
-DeltaLike = Any  # an array, or a function (zeros shaped like delta) -> delta
+DeltaLike = Any  # an array (or tuple of arrays), or a function (zeros like one call's delta) -> delta
+
+
+def tree_map(fn: Callable[..., Any], *trees: Any) -> Any:
+    """Apply ``fn`` leaf by leaf to arrays or (nested) tuples of arrays of one structure.
+
+    A site whose target runs several times in one forward (an encoder-decoder's
+    shared embedding, a bi-encoder's encoder) hands out one gradient per call, as a
+    tuple; the methods treat each call's array alone (its own norm and projection).
+
+    Example:
+        >>> tree_map(lambda a, b: a + b, (1, (2, 3)), (10, (20, 30)))
+        (11, (22, 33))
+    """
+    first = trees[0]
+    if isinstance(first, tuple):
+        if any(not isinstance(t, tuple) or len(t) != len(first) for t in trees[1:]):
+            raise ValueError(
+                "advgraph internal error: arrays of different structure (the target ran a "
+                f"different number of times in two passes of one step). {received(structures=[_structure(t) for t in trees])}"
+            )
+        return tuple(tree_map(fn, *parts) for parts in zip(*trees))
+    return fn(*trees)
+
+
+def _structure(tree: Any) -> Any:
+    return tuple(_structure(t) for t in tree) if isinstance(tree, tuple) else "array"
 
 
 class Site(Protocol):
@@ -55,13 +81,16 @@ class Site(Protocol):
     def site_grad(self) -> Array:
         """Gradient of the last pass's loss w.r.t. the site (shape of delta).
 
-        Each gradient is read once: reading releases it."""
+        When the target ran several times in the pass (output mode), a tuple with one
+        array per call, in call order. Each gradient is read once: reading releases it."""
 
     def set_delta(self, delta: DeltaLike) -> None:
         """Install delta at the site, replacing any delta installed before.
 
-        ``delta`` is an array, or a function that receives zeros shaped like delta
-        (known only once the next forward reaches the site) and returns delta.
+        ``delta`` is an array (a tuple of arrays, one per call of the target, when
+        :meth:`site_grad` gave a tuple), or a function that receives zeros shaped like
+        one call's delta (known only once the next forward reaches the site) and
+        returns that call's delta; the site calls it once per call.
         """
 
     def clear(self) -> None:
@@ -72,10 +101,26 @@ class Site(Protocol):
 
 
 def _direction(site: Site, grad: Array, size: float, config: AdversarialConfig) -> Array:
-    """``size * g / ||g||`` (l2) or ``size * sign(g)`` (linf), skips recorded."""
-    result = compute_delta(grad, size, norm=config.norm, per_sample=config.per_sample)
-    site.record(result)
-    return result.delta
+    """``size * g / ||g||`` (l2) or ``size * sign(g)`` (linf), skips recorded.
+
+    A tuple of gradients (one per call of the target) gives a tuple of deltas."""
+
+    def one(g: Array) -> Array:
+        result = compute_delta(g, size, norm=config.norm, per_sample=config.per_sample)
+        site.record(result)
+        return result.delta
+
+    return tree_map(one, grad)
+
+
+def _add(a: Array, b: Array) -> Array:
+    return tree_map(lambda x, y: x + y, a, b)
+
+
+def _project(delta: Array, eps: float, config: AdversarialConfig) -> Array:
+    return tree_map(
+        lambda d: project(d, eps, norm=config.norm, per_sample=config.per_sample), delta
+    )
 
 
 def single_delta(site: Site, config: AdversarialConfig) -> Array:
@@ -125,12 +170,14 @@ def pgd_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
     eps = config.epsilon
     delta = None
     if config.random_init:
-        delta = random_init(grad, eps, norm=config.norm, per_sample=config.per_sample)
+        delta = tree_map(
+            lambda g: random_init(g, eps, norm=config.norm, per_sample=config.per_sample), grad
+        )
     try:
         for step in range(config.steps):
             ascent = _direction(site, grad, config.alpha, config)
-            delta = ascent if delta is None else delta + ascent
-            delta = project(delta, eps, norm=config.norm, per_sample=config.per_sample)
+            delta = ascent if delta is None else _add(delta, ascent)
+            delta = _project(delta, eps, config)
             site.set_delta(delta)
             last = step == config.steps - 1
             site.forward_backward(closure, param_grads=last, keep_grad=not last)
@@ -168,11 +215,12 @@ def freelb_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
     scale = 1.0 / config.steps
     first_loss = None
     box: dict[str, Array] = {}
+    starts: list[Array] = []  # the random start of each call of the target, in call order
     if config.random_init:
 
         def start(like: Array) -> Array:
-            box["delta"] = _freelb_init(like, config)
-            return box["delta"]
+            starts.append(_freelb_init(like, config))
+            return starts[-1]
 
         site.set_delta(start)
     try:
@@ -183,10 +231,14 @@ def freelb_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
                 first_loss = loss
             if last:
                 break
-            ascent = _direction(site, site.site_grad(), config.alpha, config)
-            delta = box["delta"] + ascent if "delta" in box else ascent
+            grad = site.site_grad()
+            if starts and "delta" not in box:
+                # One start per call of the target in the first pass (the last calls).
+                box["delta"] = tuple(starts[-len(grad):]) if isinstance(grad, tuple) else starts[-1]
+            ascent = _direction(site, grad, config.alpha, config)
+            delta = _add(box["delta"], ascent) if "delta" in box else ascent
             if config.epsilon is not None:
-                delta = project(delta, config.epsilon, norm=config.norm, per_sample=config.per_sample)
+                delta = _project(delta, config.epsilon, config)
             box["delta"] = delta
             site.set_delta(delta)
     finally:
