@@ -212,5 +212,5 @@ class AdversarialTrainer(AdversarialTrainerMixin, transformers.Trainer):
         >>> trainer = AdversarialTrainer(
         ...     model=model, args=args, adversarial={"mode": "output", "epsilon": 1.0})
         >>> trainer.model.advgraph_route
-        'fx-submodule'
+        'fx'
     """

@@ -114,7 +114,7 @@ def test_twenty_steps_and_checkpoint_round_trip(tmp_path, mode):
         adversarial={"mode": mode, "epsilon": 1.0},
     )
     assert trainer.model is model and advgraph.is_wrapped(model)
-    assert model.advgraph_route == ("matrix" if mode == "matrix" else "fx-submodule")
+    assert model.advgraph_route == ("matrix" if mode == "matrix" else "fx")
     result = trainer.train()
     assert result.global_step == 20
     assert model.advgraph_stats["steps"] == 20  # one adversarial step per micro-batch

@@ -17,6 +17,8 @@ from torch.nn import functional as F  # noqa: E402
 import advgraph  # noqa: E402
 from torch_models import (  # noqa: E402
     ConvClassifier,
+    Siamese,
+    reference_fgm,
     LSTMClassifier,
     MeanPool,
     Untraceable,
@@ -61,7 +63,9 @@ def test_wrapped_keeps_outputs_parameters_and_state_dict(model_cls, mode):
     assert sorted(wrapped.state_dict()) == sorted(keys)
     for key, value in model.state_dict().items():
         assert torch.equal(wrapped.state_dict()[key], value)
-    assert isinstance(wrapped, model_cls) or wrapped.advgraph_route == "fx"
+    assert wrapped is model and isinstance(wrapped, model_cls)
+    assert isinstance(model.emb, nn.Embedding) and type(model.emb).__name__ == "Embedding"
+    assert (type(model.emb) is nn.Embedding) == (mode == "matrix")  # output: fx-rewritten subclass
     assert list(inspect.signature(wrapped.forward).parameters) == list(
         inspect.signature(model.forward).parameters
     )
@@ -128,7 +132,7 @@ def test_torch_save_whole_wrapped_module_round_trips():
     assert advgraph.is_wrapped(wrapped)  # saving does not unwrap the live model
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    assert advgraph.is_wrapped(loaded) and loaded.advgraph_route == "fx-submodule"
+    assert advgraph.is_wrapped(loaded) and loaded.advgraph_route == "fx"
     assert torch.equal(loaded(input_ids=ids).logits, expected)
     loss = loaded.adversarial_step(
         lambda: F.cross_entropy(loaded(input_ids=ids).logits, torch.tensor([0, 1]))
@@ -175,27 +179,46 @@ def test_unwrap_restores_original_forward_bitwise(model_cls, mode):
 # --------------------------------------------------------------------------- routes
 
 
-def test_route_fx_for_plain_models_shows_node(caplog):
+def test_route_fx_keeps_the_users_objects_and_shows_node(caplog):
+    class Classifier(LSTMClassifier):
+        label_names = ("a", "b", "c")
+
+        def predict(self, x):
+            return self(x).argmax(-1)
+
     torch.manual_seed(0)
+    model = Classifier()
+    emb = model.emb
+    x, y = batch()
+    expected = model(x)
     with caplog.at_level(logging.INFO, logger="advgraph"):
-        wrapped = advgraph.wrap(LSTMClassifier())
+        wrapped = advgraph.wrap(model)
     assert wrapped.advgraph_route == "fx"
-    assert isinstance(wrapped, torch.fx.GraphModule)
-    assert "advgraph_perturbation" in wrapped.code
     assert "route=fx" in caplog.text
+    # The user's objects: the model and its embedding stay the same objects of their classes.
+    assert wrapped is model and isinstance(wrapped, Classifier) and type(wrapped).__name__ == "Classifier"
+    assert wrapped.label_names == ("a", "b", "c")
+    assert torch.equal(wrapped.predict(x), expected.argmax(-1))
+    assert model.emb is emb and isinstance(emb, nn.Embedding) and type(emb).__name__ == "Embedding"
+    assert not isinstance(wrapped, torch.fx.GraphModule) and not isinstance(emb, torch.fx.GraphModule)
+    assert emb.num_embeddings == 30 and repr(emb) == "Embedding(30, 8)"
+    # The fx pass's node, printed from the rewritten forward of the embedding.
+    code = wrapped.advgraph_code
+    assert "# emb (Embedding): fx-rewritten forward" in code
+    assert "advgraph_perturbation = _advgraph_site.on_output(embedding)" in code
+    assert "return advgraph_perturbation" in code
+    assert [m for m in model.modules()] == [model, emb, model.lstm, model.fc]
 
 
-def test_route_fx_submodule_for_optional_arguments():
+def test_route_fx_with_optional_arguments():
     torch.manual_seed(0)
     model = WithMask()
     x, y = batch()
     mask = torch.ones(x.shape)
     expected = model(x, mask=mask)
     wrapped = advgraph.wrap(model)
-    assert wrapped.advgraph_route == "fx-submodule"
-    assert wrapped is model
-    assert isinstance(model.emb, torch.fx.GraphModule)
-    assert "advgraph_perturbation" in model.emb.code
+    assert wrapped.advgraph_route == "fx"
+    assert wrapped is model and isinstance(model.emb, nn.Embedding)
     assert model.emb.num_embeddings == 30 and model.emb.weight is wrapped.emb.weight
     assert torch.equal(wrapped(x, mask=mask), expected)
     wrapped.adversarial_step(lambda: F.cross_entropy(wrapped(x, mask), y))
@@ -214,38 +237,27 @@ def test_route_hook_when_nothing_traces():
     assert param_bytes(model) == before
 
 
-def test_output_mode_semantics_identical_across_routes():
-    """fx, fx-submodule and hook give the same gradients for the same model."""
+def test_output_mode_semantics_identical_across_routes(monkeypatch):
+    """fx and hook give the same gradients for the same model."""
     torch.manual_seed(0)
     x, y = batch()
     results = []
-    for route_model in (MeanPool, WithMask):
+    for force_hook in (False, True):
         torch.manual_seed(0)
-        model = route_model()
-        wrapped = advgraph.wrap(model, epsilon=0.7)
-        wrapped.adversarial_step(lambda: F.cross_entropy(wrapped(x), y))
-        results.append((wrapped.advgraph_route, grads(model)))
-    torch.manual_seed(0)
-    model = WithMask()
-    # Force the hook route by rejecting tracing of the target's parent and target.
-    wrapped = advgraph.wrap(model, epsilon=0.7)
-    advgraph.unwrap(wrapped)
-    from advgraph.adapters.torch import _module
+        model = WithMask()
+        if force_hook:
+            from advgraph.adapters.torch import _module
 
-    original = _module.trace_module
-    _module.trace_module = lambda *a, **k: (_ for _ in ()).throw(_module.TraceRejected("test"))
-    try:
+            def reject(module):
+                raise _module.TraceRejected("test")
+
+            monkeypatch.setattr(_module, "rewrite_lookup", reject)
         wrapped = advgraph.wrap(model, epsilon=0.7)
-    finally:
-        _module.trace_module = original
-    assert wrapped.advgraph_route == "hook"
-    wrapped.adversarial_step(lambda: F.cross_entropy(wrapped(x), y))
-    results.append(("hook", grads(model)))
-    routes = [r for r, _ in results]
-    assert routes == ["fx", "fx-submodule", "hook"]
-    for _, g in results[1:]:
-        for name in g:
-            torch.testing.assert_close(g[name], results[0][1][name], rtol=1e-6, atol=1e-7)
+        assert wrapped.advgraph_route == ("hook" if force_hook else "fx")
+        wrapped.adversarial_step(lambda: F.cross_entropy(wrapped(x), y))
+        results.append(grads(model))
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-6, atol=1e-7)
 
 
 def test_bert_and_gpt2_output_and_matrix():
@@ -274,7 +286,7 @@ def test_bert_and_gpt2_output_and_matrix():
             loss = wrapped.adversarial_step(closure)
             assert torch.isfinite(loss)
             assert param_bytes(model) == before
-            assert wrapped.advgraph_route == ("matrix" if mode == "matrix" else "fx-submodule")
+            assert wrapped.advgraph_route == ("matrix" if mode == "matrix" else "fx")
             advgraph.unwrap(wrapped)
 
 
@@ -544,28 +556,33 @@ def test_ambiguous_and_missing_embedding():
         advgraph.wrap(nn.Linear(3, 3))
 
 
-def test_output_mode_target_called_twice_raises():
-    class Siamese(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(10, 4)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x, z):
-            return self.fc(self.emb(x).mean(1) - self.emb(z).mean(1))
-
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_target_called_twice_per_forward_matches_hand_written_fgm(mode):
+    """Output mode: one delta per call from that call's gradient; matrix: union of rows."""
+    torch.manual_seed(0)
     model = Siamese()
-    w = advgraph.wrap(model, mode="output")
-    x = torch.tensor([[1, 2]])
-    with pytest.raises(ValueError, match="more than once"):
-        w.adversarial_step(lambda: F.cross_entropy(w(x, x + 1), torch.tensor([0])))
-    assert not w.__dict__["_advgraph"].site.active
-    model = advgraph.unwrap(w)
-    # Matrix mode handles several calls: the rows of both lookups are perturbed.
-    w = advgraph.wrap(model, mode="matrix")
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(3)
+    x, z = torch.randint(0, 30, (4, 3), generator=gen), torch.randint(0, 30, (4, 5), generator=gen)
+    y = torch.randint(0, 3, (4,), generator=gen)
+    expected_loss = reference_fgm([ref.emb], lambda: F.cross_entropy(ref(x, z), y), 0.3, mode)
+    w = advgraph.wrap(model, mode=mode, epsilon=0.3)
     before = param_bytes(model)
-    w.adversarial_step(lambda: F.cross_entropy(w(x, x + 1), torch.tensor([0])))
+    loss = w.adversarial_step(lambda: F.cross_entropy(w(x, z), y))
     assert param_bytes(model) == before
+    assert loss.item() == expected_loss.item()
+    for name, g in grads(ref).items():
+        torch.testing.assert_close(grads(model)[name], g, rtol=1e-5, atol=1e-7)
+    assert not w.__dict__["_advgraph"].site.active
+    # The manual loop gives the same, one delta per call as well.
+    manual = copy.deepcopy(advgraph.unwrap(w))
+    manual.zero_grad()
+    wm = advgraph.wrap(manual, mode=mode, epsilon=0.3)
+    F.cross_entropy(wm(x, z), y).backward()
+    with wm.perturbed():
+        F.cross_entropy(wm(x, z), y).backward()
+    for name, g in grads(ref).items():
+        torch.testing.assert_close(grads(manual)[name], g, rtol=1e-5, atol=1e-7)
 
 
 def test_frozen_embedding():

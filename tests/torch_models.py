@@ -134,3 +134,71 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
         n: (p.grad.to_dense().clone() if p.grad is not None else None)
         for n, p in model.named_parameters()
     }
+
+
+def reference_fgm(lookups, closure, epsilon: float, mode: str) -> torch.Tensor:
+    """Hand-written FGM step (clean + adversarial gradients) on a plain model.
+
+    Forward hooks on ``lookups`` (the modules that look the embedding up) record
+    every call's output and ids. Output mode: call ``i`` gets
+    ``epsilon * g_i / ||g_i||`` per sample from its own output gradient ``g_i``.
+    Matrix mode: the rows' gradient is the sum over calls of the output gradients
+    scattered by id (padding rows zero), normalised globally, added to the weight
+    and copied back afterwards. Returns the clean loss.
+    """
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def grab(module, args, out):
+        if not out.requires_grad:
+            out = out.detach().requires_grad_()
+        out.retain_grad()
+        calls.append((args[0], out))
+        return out
+
+    handles = [m.register_forward_hook(grab) for m in lookups]
+    loss = closure()
+    loss.backward()
+    for h in handles:
+        h.remove()
+    if mode == "output":
+        deltas = iter(
+            [
+                epsilon * o.grad / o.grad.flatten(1).norm(dim=1).view(-1, *([1] * (o.dim() - 1)))
+                for _, o in calls
+            ]
+        )
+        handles = [m.register_forward_hook(lambda m, a, out: out + next(deltas)) for m in lookups]
+        try:
+            closure().backward()
+        finally:
+            for h in handles:
+                h.remove()
+        return loss.detach()
+    weight = lookups[0].weight
+    g = torch.zeros_like(weight)
+    for ids, o in calls:
+        g.index_add_(0, ids.reshape(-1), o.grad.reshape(-1, weight.shape[1]))
+    padding_idx = getattr(lookups[0], "padding_idx", None)
+    if padding_idx is not None:
+        g[padding_idx] = 0.0
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(epsilon * g / g.norm())
+    try:
+        closure().backward()
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    return loss.detach()
+
+
+class Siamese(nn.Module):
+    """One embedding looked up twice per forward, on inputs of different lengths."""
+
+    def __init__(self, vocab: int = 30, dim: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.emb(x).mean(1)) - self.emb(z).mean(1) ** 2)

@@ -8,6 +8,5 @@ from advgraph._errors import require as _require
 _require("torch", "torch", "advgraph's PyTorch adapter")
 
 from ._module import AdversarialModule, is_wrapped, unwrap, wrap  # noqa: E402
-from ._site import Perturbation  # noqa: E402
 
-__all__ = ["AdversarialModule", "Perturbation", "is_wrapped", "unwrap", "wrap"]
+__all__ = ["AdversarialModule", "is_wrapped", "unwrap", "wrap"]

@@ -1,12 +1,20 @@
 """The wrapped module: ``wrap`` / ``unwrap`` and the methods a wrapped module gains.
 
-A wrapped module is the user's module (or, on the whole-model fx route, its
-traced GraphModule) whose class is swapped for a subclass that adds
-:class:`AdversarialModule`'s methods, as ``torch.nn.utils.parametrize`` does. The
-subclass keeps the original class name, so ``isinstance`` checks, ``repr``,
-HuggingFace ``save_pretrained`` (which records the class name) and state_dict
-keys are unchanged. Parameter objects are never replaced: an optimizer built
-before ``wrap`` keeps working.
+``wrap`` returns the user's own module object, whose class is swapped for a
+subclass that adds :class:`AdversarialModule`'s methods, as
+``torch.nn.utils.parametrize`` does. The subclass keeps the original class name,
+so ``isinstance`` checks, ``repr``, HuggingFace ``save_pretrained`` (which records
+the class name) and state_dict keys are unchanged. Parameter objects are never
+replaced: an optimizer built before ``wrap`` keeps working.
+
+The perturbation sits in the *lookups*: the modules whose forward looks the
+target weight up (for T5/BART the encoder's and the decoder's ``embed_tokens``
+beside ``shared``). In output mode each lookup's class is swapped in the same way
+for a generated subclass whose forward is the fx-rewritten code with the
+perturbation node (:mod:`._fx`), or, when its forward does not trace, a forward
+hook does the same. In matrix mode hooks on the lookups read their ids and
+output gradients. Before each step the lookups are checked again, so a replaced
+or resized embedding (``resize_token_embeddings``) is followed.
 """
 
 from __future__ import annotations
@@ -27,9 +35,9 @@ from advgraph._config import AdversarialConfig
 from advgraph._errors import AdvGraphWarning, received
 from advgraph._methods import passes, run_method, single_delta
 
-from ._fx import TraceRejected, trace_model, trace_module
-from ._site import MatrixSite, OutputSite, Perturbation, Stats
-from ._target import find_target
+from ._fx import SITE_ATTR, TraceRejected, rewrite_lookup, scalar_attributes
+from ._site import MatrixSite, OutputSite, Stats
+from ._target import find_lookups, find_target, sharing_weight
 
 logger = logging.getLogger("advgraph")
 
@@ -37,17 +45,37 @@ __all__ = ["AdversarialModule", "wrap", "unwrap", "is_wrapped"]
 
 
 @dataclass
+class _Lookup:
+    """One module that looks the target weight up, as installed."""
+
+    path: str
+    module: nn.Module
+    base: type  # the module's own class
+    route: str  # "fx" (class swapped), "hook" (forward hook) or "matrix" (hooks)
+    code: str | None = None  # fx: the rewritten forward's source
+    attrs: dict[str, Any] = field(default_factory=dict)  # fx: scalars traced as constants
+    handles: list[Any] = field(default_factory=list)
+
+
+@dataclass
 class _State:
     config: AdversarialConfig
     site: Any
     stats: Stats
-    route: str
     target_path: str
+    spec: Any  # "embedding", a dotted path, or the module object given as target
+    target: nn.Module
+    weight: Any  # the target's weight when the lookups were found
+    lookups: list[_Lookup]
     original_class: type
-    original: nn.Module | None = None  # fx route: the untouched user model
-    replaced: tuple[str, str, nn.Module] | None = None  # (parent path, child, module)
+    sharding: str | None = None
     handles: list[Any] = field(default_factory=list)
     sync: "_SyncDeferral | None" = None
+
+    @property
+    def route(self) -> str:
+        routes = sorted({lookup.route for lookup in self.lookups})
+        return "+".join(routes) if routes else "none"
 
 
 # --------------------------------------------------------------------------- distributed
@@ -257,13 +285,14 @@ class AdversarialModule:
                 "adversarial_step(backward=...) takes a function that backpropagates a loss "
                 f"(e.g. accelerator.backward), or None. {received(backward=backward)}"
             )
-        if state.config.mode == "matrix":
-            _refuse_sharded_matrix(state)
         if state.site.active:
             raise RuntimeError(
                 "adversarial_step() was called inside perturbed(); leave the block first. "
                 f"{received(perturbation_active=True)}"
             )
+        _follow(self, state)
+        if state.config.mode == "matrix":
+            _refuse_sharded_matrix(state)
         if state.sync is None:  # a module wrapped before this field existed
             state.sync = _SyncDeferral()
         runner = _StepRunner(state.site, state.sync, backward, passes(state.config))
@@ -293,6 +322,7 @@ class AdversarialModule:
             raise RuntimeError(
                 f"perturbed() blocks cannot be nested. {received(perturbation_active=True)}"
             )
+        _follow(self, state)
         if state.config.mode == "matrix":
             _refuse_sharded_matrix(state)
         # No local reference to delta: in matrix mode the site applies it in place and
@@ -313,13 +343,46 @@ class AdversarialModule:
 
     @property
     def advgraph_route(self) -> str:
-        """How the perturbation was installed: ``fx``, ``fx-submodule``, ``hook`` or ``matrix``."""
+        """How the perturbation is installed in the lookups.
+
+        ``"fx"``: each lookup's class is swapped for a generated subclass whose forward
+        is the fx-rewritten code with the perturbation node (see ``advgraph_code``);
+        ``"hook"``: a forward hook (a lookup whose forward does not trace, or sharded
+        parameters); ``"fx+hook"`` when both occur; ``"matrix"`` in matrix mode.
+        """
         return _state(self).route
 
     @property
     def advgraph_target(self) -> str:
-        """Dotted path of the perturbed embedding module."""
+        """Dotted path of the target embedding module."""
         return _state(self).target_path
+
+    @property
+    def advgraph_lookups(self) -> tuple[str, ...]:
+        """Dotted paths of the modules perturbed: the target and every module that
+        looks its weight up (T5/BART: ``shared``, ``encoder.embed_tokens``,
+        ``decoder.embed_tokens``)."""
+        return tuple(lookup.path for lookup in _state(self).lookups)
+
+    @property
+    def advgraph_code(self) -> str:
+        """The rewritten forward of each lookup on the fx route, with the perturbation node.
+
+        Example:
+            >>> import torch
+            >>> import advgraph
+            >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten())
+            >>> print(advgraph.wrap(model).advgraph_code.splitlines()[0])
+            # 0 (Embedding): fx-rewritten forward
+        """
+        parts = []
+        for lookup in _state(self).lookups:
+            if lookup.code is not None:
+                header = f"# {lookup.path} ({lookup.base.__name__}): fx-rewritten forward"
+                parts.append(header + "\n" + lookup.code.strip() + "\n")
+            else:
+                parts.append(f"# {lookup.path} ({lookup.base.__name__}): {lookup.route} route, no fx code\n")
+        return "\n".join(parts)
 
     @property
     def advgraph_config(self) -> AdversarialConfig:
@@ -327,13 +390,6 @@ class AdversarialModule:
         return _state(self).config
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        state = _state(self)
-        if state.route == "fx":
-            original = copy.deepcopy(state.original, memo)
-            new = _wrap(original, state.target_path, state.config)
-            new.__dict__["_advgraph"].stats.__dict__.update(state.stats.__dict__)
-            memo[id(self)] = new
-            return new
         cls = type(self)
         new = cls.__new__(cls)
         memo[id(self)] = new
@@ -346,7 +402,8 @@ class AdversarialModule:
         # loading wraps it again. The dynamic class itself is not importable.
         state = _state(self)
         plain = unwrap(copy.deepcopy(self))
-        return (_rewrap, (plain, state.target_path, state.config, state.stats.as_dict()))
+        spec = state.spec if isinstance(state.spec, str) else state.target_path
+        return (_rewrap, (plain, spec, state.config, state.stats.as_dict()))
 
 
 def _rewrap(
@@ -373,7 +430,9 @@ def is_wrapped(module: Any) -> bool:
     return "_advgraph" in getattr(module, "__dict__", {})
 
 
-def _check_matrix_target(model: nn.Module, path: str, module: nn.Module) -> None:
+def _check_matrix_target(
+    model: nn.Module, path: str, module: nn.Module, lookups: list[tuple[str, nn.Module]]
+) -> None:
     if not isinstance(module, nn.Embedding):
         raise TypeError(
             "mode='matrix' perturbs the rows of an nn.Embedding's weight; the target is not "
@@ -385,10 +444,11 @@ def _check_matrix_target(model: nn.Module, path: str, module: nn.Module) -> None
             "delta); the target is frozen. Use mode='output', which works with frozen "
             f"embeddings. {received(requires_grad=False)}"
         )
+    looked_up = [m for _, m in lookups]
     shared = [
-        name
-        for name, param in model.named_parameters(remove_duplicate=False)
-        if param is module.weight and name != (f"{path}.weight" if path else "weight")
+        f"{name}.weight"
+        for name, m in model.named_modules(remove_duplicate=False)
+        if getattr(m, "weight", None) is module.weight and not any(m is k for k in looked_up)
     ]
     if shared:
         warnings.warn(
@@ -396,83 +456,175 @@ def _check_matrix_target(model: nn.Module, path: str, module: nn.Module) -> None
             "mode='matrix' the perturbation reaches those layers too (e.g. an LM output head). "
             "mode='output' perturbs only the embedding's output.",
             AdvGraphWarning,
-            stacklevel=4,
+            stacklevel=6,
         )
 
 
-def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module:
-    path, module = find_target(model, target)
+def _install(path: str, module: nn.Module, site: Any, mode: str, sharding: str | None) -> _Lookup:
+    """Put the site into one lookup module (see the module docstring)."""
+    base = type(module)
+    module.__dict__[SITE_ATTR] = site  # also marks the module as perturbed
+    if mode == "matrix":
+        handles = [
+            module.register_forward_pre_hook(site.before_lookup),
+            module.register_forward_hook(site.on_forward),
+        ]
+        return _Lookup(path, module, base, "matrix", handles=handles)
+    try:
+        if sharding is not None:
+            # FSDP / ZeRO-3 swap the parameters of the module in and out around its
+            # forward; tracing would read the sharded (or gathered) tensor of this moment.
+            raise TraceRejected(f"the target's parameters are sharded: {sharding}")
+        cls, code = rewrite_lookup(module)
+    except TraceRejected as why:
+        logger.info("advgraph: fx rewrite of %s not used (forward hook instead): %s", path, why)
+        handle = module.register_forward_hook(site.output_hook)
+        return _Lookup(path, module, base, "hook", handles=[handle])
+    except BaseException:
+        module.__dict__.pop(SITE_ATTR, None)
+        raise
+    module.__class__ = cls
+    return _Lookup(path, module, base, "fx", code=code, attrs=scalar_attributes(module))
+
+
+def _uninstall(lookup: _Lookup) -> None:
+    for handle in lookup.handles:
+        handle.remove()
+    module = lookup.module
+    if lookup.route == "fx" and type(module).__dict__.get("_advgraph_base") is lookup.base:
+        module.__class__ = lookup.base
+    module.__dict__.pop(SITE_ATTR, None)
+
+
+def _find(model: nn.Module, spec: Any, config: AdversarialConfig) -> tuple[str, nn.Module, list[tuple[str, nn.Module]], str | None]:
+    """Target path and module, its lookups, and why its parameters are sharded (or None)."""
+    path, module = find_target(model, spec)
     if path == "":
         raise ValueError(
             "`target` must be a submodule of the model (the embedding), not the model "
             f"itself. {received(target=type(module).__name__)}"
         )
-    stats = Stats()
-    handles: list[Any] = []
-    original: nn.Module | None = None
-    replaced: tuple[str, str, nn.Module] | None = None
     sharding = _sharding_of(model, path, module)
+    lookups = find_lookups(model, path, module, every=spec == "embedding" and sharding is None)
+    for lookup_path, lookup in lookups:
+        if SITE_ATTR in vars(lookup):
+            raise ValueError(
+                "The embedding module is already perturbed by another model wrapped by advgraph "
+                f"(they share the module); unwrap that model first. {received(target=lookup_path)}"
+            )
     if config.mode == "matrix":
         if sharding is not None:
             raise ValueError(_SHARDED_MATRIX + received(target=path, sharding=sharding))
-        _check_matrix_target(model, path, module)
-        site: Any = MatrixSite(module, stats)
-        handles.append(module.register_forward_hook(site.on_forward))
-        host, route = model, "matrix"
-    else:
-        site = OutputSite(stats)
+        _check_matrix_target(model, path, module, lookups)
+    return path, module, lookups, sharding
 
-        def make() -> nn.Module:
-            return Perturbation(site)
 
-        try:
-            if sharding is not None:
-                # FSDP / ZeRO-3 manage the target's parameters through the module
-                # object itself; a traced copy would read stale parameters.
-                raise TraceRejected(f"the target's parameters are sharded: {sharding}")
-            host, route, original = trace_model(model, path, make), "fx", model
-        except TraceRejected as why_model:
-            logger.info("advgraph: whole-model fx trace not used: %s", why_model)
-            parent_path, _, child = path.rpartition(".")
-            parent = model.get_submodule(parent_path)
+def _install_all(
+    model: nn.Module, lookups: list[tuple[str, nn.Module]], site: Any, config: AdversarialConfig, sharding: str | None
+) -> list[_Lookup]:
+    done: list[_Lookup] = []
+    try:
+        for path, module in lookups:
+            done.append(_install(path, module, site, config.mode, sharding))
+    except BaseException:
+        for lookup in reversed(done):
+            _uninstall(lookup)
+        raise
+    if isinstance(site, MatrixSite):
+        site.lookups = [lookup.module for lookup in done]
+    site.names = {
+        "target": lookups[0][0] if lookups else "?",
+        "sharing": sorted({p for _, m in lookups for p in sharing_weight(model, m)} - {lookups[0][0]}),
+    }
+    return done
+
+
+def _current_target(model: nn.Module, state: _State) -> Any:
+    """The module the target names now (cheap: no walk over the model's modules)."""
+    if state.spec == "embedding":
+        getter = getattr(model, "get_input_embeddings", None)
+        if callable(getter):
             try:
-                if sharding is not None:
-                    raise TraceRejected(f"the target's parameters are sharded: {sharding}")
-                gm = trace_module(module, make)
-            except TraceRejected as why_module:
-                logger.info("advgraph: fx trace of %s not used: %s", path, why_module)
-                handles.append(module.register_forward_hook(site.output_hook))
-                host, route = model, "hook"
-            else:
-                setattr(parent, child, gm)
-                replaced = (parent_path, child, module)
-                host, route = model, "fx-submodule"
-    handles.append(host.register_forward_pre_hook(site.begin_forward))
+                return getter()
+            except (NotImplementedError, AttributeError):
+                return None
+        return state.target  # a plain model: the largest / only embedding, checked at wrap
+    if isinstance(state.spec, str):
+        try:
+            return model.get_submodule(state.spec)
+        except AttributeError:
+            return None
+    return state.spec
+
+
+def _follow(model: nn.Module, state: _State) -> None:
+    """Before a step: follow a replaced or resized embedding.
+
+    The lookups are found again when the target module or its weight Parameter was
+    replaced (``set_input_embeddings``, a new ``weight``), or when a lookup's plain
+    attributes that tracing turned into constants changed (``resize_token_embeddings``
+    sets ``num_embeddings`` / ``padding_idx``; T5 then makes ``shared`` every lookup).
+    """
+    current = _current_target(model, state)
+    changed = current is not state.target or getattr(current, "weight", None) is not state.weight
+    if not changed:
+        changed = any(
+            lookup.route == "fx" and scalar_attributes(lookup.module) != lookup.attrs
+            for lookup in state.lookups
+        )
+    if not changed:
+        return
+    for lookup in reversed(state.lookups):
+        _uninstall(lookup)
+    state.lookups = []
+    path, module, lookups, sharding = _find(model, state.spec, state.config)
+    state.lookups = _install_all(model, lookups, state.site, state.config, sharding)
+    state.target_path, state.target = path, module
+    state.weight = getattr(module, "weight", None)
+    state.sharding = sharding
+    logger.info(
+        "advgraph: the embedding changed; perturbing %s (route=%s)",
+        ", ".join(lookup.path for lookup in state.lookups),
+        state.route,
+    )
+
+
+def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module:
+    path, module, lookups, sharding = _find(model, target, config)
+    stats = Stats()
+    site: Any = MatrixSite([m for _, m in lookups], stats) if config.mode == "matrix" else OutputSite(stats)
+    installed = _install_all(model, lookups, site, config, sharding)
     sync = _SyncDeferral()
-    handles.append(host.register_forward_pre_hook(sync.before_forward))
+    handles = [
+        model.register_forward_pre_hook(site.begin_forward),
+        model.register_forward_pre_hook(sync.before_forward),
+    ]
     state = _State(
         config=config,
         site=site,
         stats=stats,
-        route=route,
         target_path=path,
-        original_class=type(host),
-        original=original,
-        replaced=replaced,
+        spec=target,
+        target=module,
+        weight=getattr(module, "weight", None),
+        lookups=installed,
+        original_class=type(model),
+        sharding=sharding,
         handles=handles,
         sync=sync,
     )
-    host.__class__ = _wrapped_class(type(host))
-    host.__dict__["_advgraph"] = state
+    model.__class__ = _wrapped_class(type(model))
+    model.__dict__["_advgraph"] = state
     logger.info(
-        "advgraph: wrapped %s: mode=%s method=%s route=%s target=%s",
+        "advgraph: wrapped %s: mode=%s method=%s route=%s target=%s lookups=%s",
         type(model).__name__,
         config.mode,
         config.method,
-        route,
+        state.route,
         path,
+        ", ".join(lookup.path for lookup in installed),
     )
-    return host
+    return model
 
 
 def wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module:
@@ -500,11 +652,8 @@ def unwrap(model: nn.Module) -> nn.Module:
         )
     for handle in state.handles:
         handle.remove()
-    if state.replaced is not None:
-        parent_path, child, module = state.replaced
-        setattr(model.get_submodule(parent_path), child, module)
+    for lookup in reversed(state.lookups):
+        _uninstall(lookup)
     model.__class__ = state.original_class
     del model.__dict__["_advgraph"]
-    if state.original is not None:
-        return state.original
     return model

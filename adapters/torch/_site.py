@@ -1,13 +1,26 @@
 """Perturbation sites for PyTorch: the embedding's output, or its matrix rows.
 
 Both implement :class:`advgraph._methods.Site`. The gradient at the site always
-comes from a tensor hook on the embedding's output in the current pass, never
-from ``.grad``: with gradient accumulation ``.grad`` holds earlier micro-batches.
+comes from the embedding's output in the current pass, never from ``.grad``:
+with gradient accumulation ``.grad`` holds earlier micro-batches.
+
+A target may be looked up several times per forward (the encoder's and the
+decoder's ``embed_tokens`` of T5/BART share one weight; a bi-encoder runs one
+encoder twice). Output mode numbers the calls of a pass and gives each its own
+gradient and its own delta; matrix mode perturbs the union of the rows touched.
+
+Eagerly the gradient is read by a tensor hook on the output. Inside a
+``torch.compile``d forward a hook registered there would break the graph, so
+the output goes through the ``advgraph::site_tap`` custom op instead, whose
+backward hands the gradient to the site (see :mod:`._taps`).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -15,6 +28,8 @@ from torch import nn
 
 from advgraph._delta import DeltaResult
 from advgraph._errors import AdvGraphWarning, received
+
+from . import _taps
 
 
 class Stats:
@@ -53,8 +68,17 @@ def check_loss(loss: Any) -> torch.Tensor:
     return loss
 
 
+_KEYS = itertools.count(1)
+_SITES: "weakref.WeakValueDictionary[int, _Site]" = weakref.WeakValueDictionary()
+
+
+def site_by_key(key: int) -> "_Site | None":
+    """The live site registered under ``key`` (the compiled path's taps find it so)."""
+    return _SITES.get(key)
+
+
 class _Site:
-    """What both sites share: capture the target's output, read its gradient."""
+    """What both sites share: number the target's calls, read their gradients."""
 
     mode = "abstract"
 
@@ -64,34 +88,76 @@ class _Site:
         self._outputs: list[torch.Tensor] = []
         self._keep_outputs = False
         self._grad_parts: list[tuple[Any, torch.Tensor]] = []
+        self._grad_keys: set[int] = set()
         self._pass = 0
         self._grad_pass = -1
+        self._calls = 0  # calls of the target in the current pass
+        self._fresh = True  # the next forward of the wrapped model starts a new pass
         self.capturing = True  # False while a pass needs no gradient at the site
         self.active = False
         # Set by adversarial_step(backward=...) for one step: runs the backward of the
         # passes that accumulate parameter gradients (e.g. accelerator.backward).
         self.backward: Callable[[torch.Tensor], Any] | None = None
+        # Named in the error raised when a forward never reaches the site.
+        self.names: dict[str, Any] = {}
+        self._register()
 
-    # -- capture ------------------------------------------------------------
-    def begin_forward(self, *_: Any) -> None:
-        """Forward pre-hook of the wrapped model: a new pass begins."""
-        self._outputs = []
+    def _register(self) -> None:
+        self.key = next(_KEYS)
+        _SITES[self.key] = self
+        # The compiled path's leaf: a gradient-only pass asks autograd for its gradient.
+        self.anchor = torch.zeros((), requires_grad=True)
+
+    # -- passes -------------------------------------------------------------
+    def new_pass(self) -> None:
+        self._calls = 0
         self._pass += 1
+        self._fresh = False
 
-    def _capture(self, out: torch.Tensor, key: Any = None) -> None:
+    def begin_forward(self, *_: Any) -> None:
+        """Forward pre-hook of the wrapped model: a forward after a backward (or after
+        a delta was installed or removed) begins a new pass; calls are numbered from 0."""
+        if self._fresh:
+            self.new_pass()
+
+    def _next_call(self) -> int:
+        call = self._calls
+        self._calls = call + 1
+        return call
+
+    def _capture(
+        self, out: torch.Tensor, key: Any, call: int, ids: torch.Tensor | None = None, index: int = 0
+    ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # No tensor hook inside a compiled region (it breaks the graph): the tap's
+            # backward reports the gradient; the anchor lets a gradient-only pass reach it.
+            if self._keep_outputs:
+                self._outputs.append(self.anchor)
+            if not self.capturing:
+                return out
+            return _taps.tap(out, self.anchor, ids, self.key, call, index)
         if self._keep_outputs:
             self._outputs.append(out)
-        if not self.capturing:
-            return
-        out.register_hook(lambda g, p=self._pass: self._on_grad(p, key, g))
+        if self.capturing:
+            out.register_hook(functools.partial(self._on_grad, self._pass, call, key))
+        return out
 
-    def _on_grad(self, pass_id: int, key: Any, grad: torch.Tensor) -> None:
+    def _on_grad(self, pass_id: int, call: int, key: Any, grad: torch.Tensor) -> None:
         # The gradient parts of the latest pass whose backward ran replace older ones;
         # a forward that fails before its backward leaves the last gradient intact.
-        if pass_id != self._grad_pass:
+        if pass_id != self._grad_pass or call in self._grad_keys:
             self._grad_parts = []
+            self._grad_keys = set()
             self._grad_pass = pass_id
-        self._grad_parts.append((key, grad))
+        self._grad_parts.append(((call, key), grad))
+        self._grad_keys.add(call)
+        self._fresh = True
+
+    def on_compiled_grad(
+        self, call: int, ids: torch.Tensor | None, index: int, grad: torch.Tensor
+    ) -> None:
+        """The compiled path's tap: the gradient of call ``call`` of the current pass."""
+        self._on_grad(self._pass, call, None, grad)
 
     # -- Site interface -------------------------------------------------------
     def forward_backward(
@@ -103,7 +169,7 @@ class _Site:
         allow_none: bool = False,
         keep_grad: bool = True,
     ) -> torch.Tensor | None:
-        self.begin_forward()
+        self.new_pass()
         self._keep_outputs = True
         self.capturing = keep_grad
         try:
@@ -113,15 +179,9 @@ class _Site:
             loss = check_loss(loss)
             outputs = self._outputs
             if not outputs:
-                raise ValueError(
-                    "The closure's forward did not run the wrapped embedding with autograd "
-                    "enabled, so there is no gradient at the perturbation site. Call the "
-                    "wrapped model inside the closure (with DistributedDataParallel: give "
-                    "DDP the object advgraph.wrap() returned, or wrap the DDP module). "
-                    f"{received(embedding_calls=0)}"
-                )
+                raise ValueError(self._not_called_message())
             target = loss if scale == 1.0 else loss * scale
-            self._grad_parts, self._grad_pass = [], -1
+            self._grad_parts, self._grad_keys, self._grad_pass = [], set(), -1
             if param_grads:
                 if self.backward is None:
                     target.backward()
@@ -133,12 +193,32 @@ class _Site:
             self._keep_outputs = False
             self._outputs = []
             self.capturing = True
+            self._fresh = True
         return loss.detach()
+
+    def _not_called_message(self) -> str:
+        info = self.names
+        target = info.get("target", "?")
+        sharing = info.get("sharing") or []
+        also = (
+            f" Modules holding the same weight: {', '.join(sharing)}; target='embedding' "
+            "perturbs every module that looks the input-embedding weight up, a dotted path "
+            "only that module."
+            if sharing
+            else ""
+        )
+        return (
+            f"The closure's forward did not run the wrapped embedding ({target}) with autograd "
+            "enabled, so there is no gradient at the perturbation site." + also + " Call the "
+            "wrapped model inside the closure (with DistributedDataParallel: give DDP the "
+            "object advgraph.wrap() returned, or wrap the DDP module). "
+            f"{received(embedding_calls=0, target=target)}"
+        )
 
     def has_grad(self) -> bool:
         return bool(self._grad_parts)
 
-    def site_grad(self) -> torch.Tensor:
+    def site_grad(self) -> Any:
         """The gradient at the site from the last backward; each one is used once.
 
         Reading it releases it, so that nothing O(batch) or O(rows) stays alive
@@ -155,8 +235,9 @@ class _Site:
             return self._grad()
         finally:
             self._grad_parts = []
+            self._grad_keys = set()
 
-    def _grad(self) -> torch.Tensor:
+    def _grad(self) -> Any:
         raise NotImplementedError
 
     def record(self, result: DeltaResult) -> None:
@@ -183,8 +264,15 @@ class _Site:
         state = self.__dict__.copy()
         state["_outputs"] = []
         state["_grad_parts"] = []
+        state["_grad_keys"] = set()
         state["backward"] = None
+        state.pop("anchor", None)
+        state.pop("key", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._register()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "_Site":
         import copy
@@ -193,110 +281,161 @@ class _Site:
         memo[id(self)] = new
         for key, value in self.__getstate__().items():
             new.__dict__[key] = copy.deepcopy(value, memo)
+        new._register()
         return new
 
 
+def _check_shape(delta: torch.Tensor, x: torch.Tensor, call: int) -> None:
+    if delta.shape != x.shape:
+        raise ValueError(
+            "The batch's embedding output has another shape in the adversarial pass "
+            "than in the pass the delta was computed from; output mode needs the "
+            "same batch in both. "
+            f"{received(delta_shape=tuple(delta.shape), output_shape=tuple(x.shape), call=call)}"
+        )
+
+
 class OutputSite(_Site):
-    """delta on the embedding's output activations, shape ``(b, n, d)``."""
+    """delta on the embedding's output activations, shape ``(b, n, d)`` per call.
+
+    When the target runs several times in a pass, the gradient is a tuple (one
+    per call, in call order) and so is the delta; call ``i`` of a later forward
+    gets ``delta[i % len(delta)]``.
+    """
 
     mode = "output"
 
     def __init__(self, stats: Stats) -> None:
         super().__init__(stats)
-        self.delta: torch.Tensor | None = None
+        self.delta: Any = None  # a tensor, a tuple of tensors, a function, or None
+        self._made: list[torch.Tensor] = []  # deltas a function gave, one per call
+
+    def _delta_for(self, call: int, x: torch.Tensor) -> torch.Tensor | None:
+        delta = self.delta
+        if delta is None:
+            return None
+        if isinstance(delta, torch.Tensor):
+            return delta
+        if isinstance(delta, tuple):
+            return delta[call % len(delta)]
+        if call < len(self._made):
+            return self._made[call]
+        made = delta(torch.zeros_like(x, requires_grad=False)).detach()
+        self._made.append(made)
+        return made
 
     def on_output(self, x: torch.Tensor) -> torch.Tensor:
-        """Called by the perturbation node / hook with the embedding's output."""
-        if callable(self.delta):
-            self.delta = self.delta(torch.zeros_like(x, requires_grad=False)).detach()
-        if self.delta is not None:
-            if self.delta.shape != x.shape:
-                raise ValueError(
-                    "The batch's embedding output has another shape in the adversarial pass "
-                    "than in the pass the delta was computed from; output mode needs the "
-                    "same batch in both. "
-                    f"{received(delta_shape=tuple(self.delta.shape), output_shape=tuple(x.shape))}"
-                )
-            x = x + self.delta.to(x.dtype)
+        """Called by the perturbation node / hook with one call's embedding output."""
+        call = self._next_call()
+        delta = self._delta_for(call, x)
+        if delta is not None:
+            _check_shape(delta, x, call)
+            x = x + delta.to(x.dtype)
         if torch.is_grad_enabled():
-            if not x.requires_grad:
+            if not x.requires_grad and not torch.compiler.is_compiling():
                 # A frozen embedding: the gradient at its output is still defined.
                 x = x.detach().requires_grad_()
-            self._capture(x)
+            x = self._capture(x, None, call)
         return x
 
     def output_hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        """Forward hook of the target (the hook route): same as the perturbation node.
+        """Forward hook of a lookup (the hook route): same as the perturbation node.
 
         A bound method, not a lambda, so that ``copy.deepcopy`` of the model gives the
         copy's hook the copy's site.
         """
         return self.on_output(output)
 
-    def _grad(self) -> torch.Tensor:
-        if len(self._grad_parts) > 1:
-            raise ValueError(
-                "The target embedding ran more than once in one pass; mode='output' needs "
-                "one call per forward (use mode='matrix', or target a module called once). "
-                f"{received(calls=len(self._grad_parts))}"
-            )
-        return self._grad_parts[-1][1]
+    def _grad(self) -> Any:
+        parts = sorted(self._grad_parts, key=lambda part: part[0][0])
+        if len(parts) == 1:
+            return parts[0][1]
+        return tuple(grad for _, grad in parts)
 
     def set_delta(self, delta: Any) -> None:
-        self.delta = delta if callable(delta) else delta.detach()
+        if callable(delta):
+            self.delta = delta
+            self._made = []
+        elif isinstance(delta, tuple):
+            self.delta = tuple(d.detach() for d in delta)
+        else:
+            self.delta = delta.detach()
         self.active = True
+        self._fresh = True
 
     def clear(self) -> None:
         self.delta = None
+        self._made = []
         self.active = False
+        self._fresh = True
 
 
 class MatrixSite(_Site):
     """delta on the rows of the embedding matrix that the batch touched.
 
-    The gradient of those rows is gathered from the output gradient (what the
-    embedding's backward does), so it is the gradient through the lookup only,
-    also when the weight is tied to an output layer. Extra memory is
-    O(touched rows x d): the rows' saved values and delta, never a copy of the
-    whole matrix. Restore copies the saved rows back (bit-exact).
+    The gradient of those rows is gathered from the output gradient of every
+    lookup of the pass (what the embedding's backward does), so it is the
+    gradient through the lookups only, also when the weight is tied to an
+    output layer. Extra memory is O(touched rows x d): the rows' saved values
+    and delta, never a copy of the whole matrix. Restore copies the saved rows
+    back (bit-exact).
     """
 
     mode = "matrix"
 
-    def __init__(self, embedding: nn.Embedding, stats: Stats) -> None:
+    def __init__(self, lookups: list[nn.Module], stats: Stats) -> None:
         super().__init__(stats)
-        self.embedding = embedding
+        self.lookups = list(lookups)
         self._rows: torch.Tensor | None = None
         self._saved: torch.Tensor | None = None
         self._pending: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
+    def embedding(self) -> nn.Module:
+        return self.lookups[0]
+
+    @property
     def weight(self) -> torch.Tensor:
-        return self.embedding.weight
+        return self.lookups[0].weight
 
     def before_lookup(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        """Forward pre-hook of the embedding: materialise a delta given as a function."""
-        if self._pending is not None:
-            fn, self._pending = self._pending, None
-            rows = torch.unique(args[0])
-            self._rows = rows
-            dtype = self.weight.dtype
-            acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-            zeros = torch.zeros(rows.shape[0], self.weight.shape[1], dtype=acc, device=self.weight.device)
-            self.set_delta(fn(zeros))
+        """Forward pre-hook of a lookup: materialise a delta given as a function.
 
-    def on_forward(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-        """Forward hook of the embedding."""
+        The function gets zeros for the rows of the first lookup that runs; rows a
+        later lookup of the same pass adds get their own call of the function.
+        """
+        if self._pending is None or not args or not isinstance(args[0], torch.Tensor):
+            return
+        rows = torch.unique(args[0])
+        if self._rows is not None and self._saved is not None:
+            new = rows[~torch.isin(rows, self._rows)]
+            if new.numel() == 0:
+                return
+            rows = new
+        dtype = self.weight.dtype
+        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        zeros = torch.zeros(rows.shape[0], self.weight.shape[1], dtype=acc, device=self.weight.device)
+        self._add_rows(rows, self._pending(zeros))
+
+    def on_forward(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+        """Forward hook of a lookup."""
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-            self._capture(output, key=args[0].detach())
+            call = self._next_call()
+            ids = args[0].detach()
+            index = next((i for i, m in enumerate(self.lookups) if m is module), 0)
+            captured = self._capture(output, (ids, module), call, ids=ids, index=index)
+            if captured is not output:
+                return captured
+        return None
 
-    def _rows_grad(self, ids: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the embedding's backward computes, for the touched rows only."""
+    def _rows_grad(
+        self, ids: torch.Tensor, grads: torch.Tensor, emb: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a lookup's backward computes, for the touched rows only."""
         rows, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
         acc_dtype = torch.float32 if grads.dtype in (torch.float16, torch.bfloat16) else grads.dtype
         out = torch.zeros(rows.shape[0], grads.shape[1], dtype=acc_dtype, device=grads.device)
         out.index_add_(0, inverse, grads.to(acc_dtype))
-        emb = self.embedding
         if getattr(emb, "scale_grad_by_freq", False):
             out.div_(counts.to(acc_dtype).unsqueeze(1))
         padding_idx = getattr(emb, "padding_idx", None)
@@ -309,12 +448,17 @@ class MatrixSite(_Site):
         # backward, the reference held here is one autograd holds anyway, so the peak
         # memory of a step grows by the saved rows alone.
         dim = self._grad_parts[0][1].shape[-1]
-        if len(self._grad_parts) == 1:
-            ids, grads = self._grad_parts[0][0].reshape(-1), self._grad_parts[0][1].reshape(-1, dim)
-        else:  # the embedding ran several times in one pass
-            ids = torch.cat([key.reshape(-1) for key, _ in self._grad_parts])
-            grads = torch.cat([g.reshape(-1, dim) for _, g in self._grad_parts])
-        rows, out = self._rows_grad(ids, grads)
+        pieces = []
+        for (_, (ids, module)), grad in self._grad_parts:
+            emb = module if module is not None else self.embedding
+            pieces.append(self._rows_grad(ids.reshape(-1), grad.reshape(-1, dim), emb))
+        if len(pieces) == 1:
+            rows, out = pieces[0]
+        else:  # several lookups in one pass: the gradient summed over them, union of rows
+            rows = torch.unique(torch.cat([r for r, _ in pieces]))
+            out = torch.zeros(rows.shape[0], dim, dtype=pieces[0][1].dtype, device=pieces[0][1].device)
+            for r, g in pieces:
+                out.index_add_(0, torch.searchsorted(rows, r), g)
         if self._saved is not None and not torch.equal(rows, self._rows):
             raise ValueError(
                 "The batch touched other embedding rows in this pass than in the pass the "
@@ -324,11 +468,38 @@ class MatrixSite(_Site):
         self._rows = rows
         return out
 
+    def on_compiled_grad(
+        self, call: int, ids: torch.Tensor | None, index: int, grad: torch.Tensor
+    ) -> None:
+        module = self.lookups[index] if index < len(self.lookups) else None
+        self._on_grad(self._pass, call, (ids, module), grad)
+
+    def _add_rows(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
+        """Perturb ``rows`` (not perturbed yet) by ``delta``, saving them first."""
+        weight = self.weight
+        with torch.no_grad():
+            saved = weight.index_select(0, rows)
+            if self._saved is None or self._rows is None:
+                merged, merged_saved = rows, saved
+            else:
+                merged = torch.cat([self._rows, rows])
+                merged_saved = torch.cat([self._saved, saved])
+            order = torch.argsort(merged)
+            self._rows, self._saved = merged[order], merged_saved[order]
+            self.active = True
+            weight.index_add_(0, rows, delta.detach().to(weight.dtype))
+
     def set_delta(self, delta: Any) -> None:
+        self._fresh = True
         if callable(delta):
+            if self._saved is not None:
+                with torch.no_grad():
+                    self.weight.index_copy_(0, self._rows, self._saved)
+                self._saved = None
             self._pending = delta
             self.active = True
             return
+        self._pending = None
         if self._rows is None:
             raise RuntimeError("set_delta() before site_grad(): no rows to perturb.")
         weight = self.weight
@@ -343,26 +514,9 @@ class MatrixSite(_Site):
 
     def clear(self) -> None:
         self._pending = None
+        self._fresh = True
         if self._saved is not None:
             with torch.no_grad():
                 self.weight.index_copy_(0, self._rows, self._saved)
             self._saved = None
         self.active = False
-
-
-class Perturbation(nn.Module):
-    """The node the fx pass inserts after the embedding's output.
-
-    With no delta installed it returns its input unchanged (the same tensor);
-    the wrapped model's outputs are then bit-identical to the original's.
-    """
-
-    def __init__(self, site: OutputSite) -> None:
-        super().__init__()
-        self.site = site
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.site.on_output(x)
-
-    def extra_repr(self) -> str:
-        return f"advgraph {self.site.mode} perturbation"

@@ -108,3 +108,38 @@ def find_target(model: nn.Module, target: Any) -> tuple[str, nn.Module]:
             f"{received(target=target)}"
         ) from None
     return target, module
+
+
+def sharing_weight(model: nn.Module, module: nn.Module) -> list[str]:
+    """Dotted paths of every module of ``model`` (aliases included) holding ``module``'s weight."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return []
+    return [
+        name
+        for name, m in model.named_modules(remove_duplicate=False)
+        if getattr(m, "weight", None) is weight
+    ]
+
+
+def find_lookups(
+    model: nn.Module, path: str, module: nn.Module, every: bool
+) -> list[tuple[str, nn.Module]]:
+    """The modules whose forward looks the target's weight up.
+
+    ``every=True`` (``target="embedding"``): the target and every other module of
+    its kind holding the same weight Parameter (T5/BART: ``shared``,
+    ``encoder.embed_tokens``, ``decoder.embed_tokens``), each once, in module
+    order. An output layer tied to the weight (an ``nn.Linear`` LM head) is not a
+    lookup. ``every=False`` (a dotted path or a module object): the target alone.
+    """
+    weight = getattr(module, "weight", None)
+    if not every or not isinstance(weight, torch.Tensor):
+        return [(path, module)]
+    kind = nn.Embedding if isinstance(module, nn.Embedding) else type(module)
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if m is module or (isinstance(m, kind) and getattr(m, "weight", None) is weight)
+    ]
+    return found or [(path, module)]

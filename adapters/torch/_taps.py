@@ -1,0 +1,78 @@
+"""Reading the gradient at the site inside a ``torch.compile``d forward.
+
+Eagerly the site registers a tensor hook on the embedding's output. Dynamo
+cannot keep such a hook in the graph when its body has Python side effects
+(it breaks the graph: "HOP: Non-nullified side effect"), so inside a compiled
+region the output goes through two custom ops instead, which dynamo and
+AOTAutograd treat as opaque graph nodes:
+
+* ``advgraph::site_tap(x, anchor, ids, site, call, index)``: identity (a copy)
+  in the forward. Its backward is
+* ``advgraph::grad_tap(grad, ids, site, call, index)``, which runs at backward
+  time with the real gradient and hands it to the site registered under
+  ``site`` (an int baked into the graph), then returns it unchanged.
+
+``anchor`` is a 0-dim leaf of the site that requires grad: its (zero) gradient
+is a graph output of the backward, so the tap always runs, and a pass that only
+needs the gradient at the site asks autograd for the anchor's gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["tap"]
+
+
+@torch.library.custom_op("advgraph::grad_tap", mutates_args=())
+def _grad_tap(
+    grad: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from ._site import site_by_key
+
+    owner = site_by_key(site)
+    if owner is not None:
+        owner.on_compiled_grad(call, ids, index, grad)
+    return grad.clone(), grad.new_zeros(())
+
+
+@_grad_tap.register_fake
+def _(grad: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int) -> Any:
+    return torch.empty_like(grad), grad.new_empty(())
+
+
+@torch.library.custom_op("advgraph::site_tap", mutates_args=())
+def _site_tap(
+    x: torch.Tensor, anchor: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
+) -> torch.Tensor:
+    return x.clone()
+
+
+@_site_tap.register_fake
+def _(x: torch.Tensor, anchor: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int) -> Any:
+    return torch.empty_like(x)
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    _, anchor, ids, site, call, index = inputs
+    ctx.site, ctx.call, ctx.index = site, call, index
+    ctx.anchor_dtype, ctx.anchor_device = anchor.dtype, anchor.device
+    ctx.save_for_backward(ids if ids is not None else None)
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    (ids,) = ctx.saved_tensors
+    grad_x, grad_anchor = torch.ops.advgraph.grad_tap(grad, ids, ctx.site, ctx.call, ctx.index)
+    return grad_x, grad_anchor.to(device=ctx.anchor_device, dtype=ctx.anchor_dtype), None, None, None, None
+
+
+_site_tap.register_autograd(_backward, setup_context=_setup)
+
+
+def tap(
+    x: torch.Tensor, anchor: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
+) -> torch.Tensor:
+    """``x`` unchanged; its gradient goes to the site registered under ``site``."""
+    return torch.ops.advgraph.site_tap(x, anchor, ids, site, call, index)
