@@ -146,6 +146,7 @@ def reference_fgm(lookups, closure, epsilon: float, mode: str) -> torch.Tensor:
     scattered by id (padding rows zero), normalised globally, added to the weight
     and copied back afterwards. Returns the clean loss.
     """
+    lookups = list({id(m): m for m in lookups}.values())  # a module listed twice runs once
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def grab(module, args, out):
