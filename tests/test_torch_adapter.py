@@ -648,3 +648,30 @@ def test_bad_arguments_leave_the_model_untouched():
     with pytest.raises(ValueError, match="did not run the wrapped embedding"):
         wrapped.adversarial_step(lambda: (model.fc.weight**2).sum())
     assert param_bytes(model) == before
+
+
+@pytest.mark.parametrize("method", ["freelb", "vat"])
+def test_matrix_mode_applies_a_delta_given_as_a_function(method):
+    """FreeLB's random start and VAT's random direction reach the rows in matrix mode.
+
+    (They were silently dropped before: the lookup's pre-hook was never installed, so
+    FreeLB started from 0 and VAT's power iteration saw a zero gradient.)"""
+    torch.manual_seed(0)
+    model = MeanPool()
+    x, y = batch()
+    clean = F.cross_entropy(model(x), y).item()
+    wrapped = advgraph.wrap(model, mode="matrix", method=method, epsilon=0.5)
+    before = param_bytes(model)
+    rows_seen = []
+    handle = model.emb.register_forward_hook(lambda m, a, out: rows_seen.append(out.detach().clone()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", advgraph.AdvGraphWarning)  # no zero-gradient skip
+        if method == "freelb":
+            first = wrapped.adversarial_step(lambda: F.cross_entropy(wrapped(x), y))
+            assert first.item() != clean  # the first pass ran at the random start
+        else:
+            wrapped.adversarial_step(lambda: wrapped(x))
+    handle.remove()
+    first_perturbed = 0 if method == "freelb" else 1  # vat: after the clean pass
+    assert not torch.equal(rows_seen[first_perturbed], model.emb(x))
+    assert param_bytes(model) == before and wrapped.advgraph_stats["skipped_zero"] == 0

@@ -1,0 +1,132 @@
+"""torch.compile: a wrapped model compiles without graph breaks, with eager's gradients.
+
+Eagerly the site reads the gradient with a tensor hook; inside a compiled region
+the output goes through the ``advgraph::site_tap`` custom op instead (a hook with
+Python side effects would break the graph). The backend is ``aot_eager``: dynamo
+and AOTAutograd trace exactly as with inductor, without the C++ compile time
+(benchmarks/bench_torch_compile.py runs inductor).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch._dynamo.utils import counters  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import advgraph  # noqa: E402
+from torch_models import MeanPool, Siamese, grads, param_bytes, tiny_bert  # noqa: E402
+
+BACKEND = "aot_eager"
+X = torch.randint(0, 30, (4, 6), generator=torch.Generator().manual_seed(0))
+Z = torch.randint(0, 30, (4, 5), generator=torch.Generator().manual_seed(1))
+Y = torch.randint(0, 3, (4,), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled(model, how: str, **options):
+    """``how``: compile the wrapped model, compile it in place, or wrap a compiled model."""
+    if how == "compile(wrap(model))":
+        wrapped = advgraph.wrap(model, **options)
+        return wrapped, torch.compile(wrapped, backend=BACKEND)
+    if how == "wrap(model).compile()":
+        wrapped = advgraph.wrap(model, **options)
+        wrapped.compile(backend=BACKEND)
+        return wrapped, wrapped
+    wrapped = advgraph.wrap(torch.compile(model, backend=BACKEND), **options)
+    return wrapped, wrapped
+
+
+def eager_grads(model, closure_of, **options):
+    ref = copy.deepcopy(model)
+    wrapped = advgraph.wrap(ref, **options)
+    wrapped.adversarial_step(closure_of(wrapped))
+    return grads(ref)
+
+
+def graph_breaks() -> int:
+    return sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+@pytest.mark.parametrize("how", ["compile(wrap(model))", "wrap(model).compile()", "wrap(compile(model))"])
+def test_no_graph_break_and_eager_gradients(how, mode):
+    torch.manual_seed(0)
+    model = MeanPool()
+    options = dict(mode=mode, epsilon=0.5)
+    expected = eager_grads(model, lambda w: lambda: F.cross_entropy(w(X), Y), **options)
+    wrapped, run = compiled(model, how, **options)
+    for _ in range(2):  # the second step reuses the compiled graphs
+        model.zero_grad()
+        before = param_bytes(model)
+        wrapped.adversarial_step(lambda: F.cross_entropy(run(X), Y))
+        assert param_bytes(model) == before
+    assert graph_breaks() == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    for name, g in expected.items():
+        torch.testing.assert_close(grads(model)[name], g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_fullgraph_two_calls_per_forward_and_pgd(mode):
+    """fullgraph=True raises on any graph break; one delta per call as in eager."""
+    torch.manual_seed(0)
+    model = Siamese()
+    options = dict(mode=mode, method="pgd", steps=2, epsilon=0.5)
+    expected = eager_grads(model, lambda w: lambda: F.cross_entropy(w(X, Z), Y), **options)
+    wrapped = advgraph.wrap(model, **options)
+    run = torch.compile(wrapped, backend=BACKEND, fullgraph=True)
+    wrapped.adversarial_step(lambda: F.cross_entropy(run(X, Z), Y))
+    for name, g in expected.items():
+        torch.testing.assert_close(grads(model)[name], g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_huggingface_model_compiles_without_breaks_from_advgraph(mode):
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1])
+
+    def breaks_of(model) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        run = torch.compile(model, backend=BACKEND)
+        if advgraph.is_wrapped(model):
+            model.adversarial_step(lambda: run(input_ids=ids, labels=labels).loss)
+        else:
+            run(input_ids=ids, labels=labels).loss.backward()
+        return graph_breaks()
+
+    model = tiny_bert()
+    expected = eager_grads(model, lambda w: lambda: w(input_ids=ids, labels=labels).loss, mode=mode)
+    plain_breaks = breaks_of(copy.deepcopy(model))
+    wrapped = advgraph.wrap(model, mode=mode)
+    assert breaks_of(wrapped) == plain_breaks
+    for name, g in expected.items():
+        torch.testing.assert_close(grads(model)[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_hand_written_loop_with_a_compiled_model():
+    torch.manual_seed(0)
+    model = MeanPool()
+    expected = eager_grads(model, lambda w: lambda: F.cross_entropy(w(X), Y), epsilon=0.5)
+    wrapped = advgraph.wrap(model, epsilon=0.5)
+    run = torch.compile(wrapped, backend=BACKEND, fullgraph=True)
+    F.cross_entropy(run(X), Y).backward()
+    with wrapped.perturbed():
+        F.cross_entropy(run(X), Y).backward()
+    for name, g in expected.items():
+        torch.testing.assert_close(grads(model)[name], g, rtol=1e-5, atol=1e-7)
+    # Unwrapped, the compiled model recompiles to the plain forward.
+    plain = advgraph.unwrap(wrapped)
+    with torch.no_grad():
+        assert torch.equal(run(X), plain(X))
