@@ -369,3 +369,79 @@ def test_bi_encoder_runs_one_encoder_twice(mode):
     assert param_bytes(model) == before and loss.item() == expected_loss.item()
     for name, g in grads(ref).items():
         torch.testing.assert_close(grads(model)[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_a_replaced_embedding_is_followed(mode):
+    model = build("bert")
+    ref = copy.deepcopy(model)
+    wrapped = advgraph.wrap(model, mode=mode, epsilon=EPS)
+    old = wrapped.get_input_embeddings()
+    torch.manual_seed(7)
+    new = nn.Embedding(VOCAB + 4, 16, padding_idx=0)
+    ref.set_input_embeddings(copy.deepcopy(new))
+    wrapped.set_input_embeddings(new)
+    inputs = batch("bert")
+    check_fgm_step(wrapped, ref, [ref.get_input_embeddings()], inputs, mode)
+    assert wrapped.get_input_embeddings() is new and isinstance(new, nn.Embedding)
+    assert type(old) is nn.Embedding and "_advgraph_site" not in vars(old)  # given back, plain
+    assert wrapped.advgraph_lookups == ("bert.embeddings.word_embeddings",)
+    advgraph.unwrap(wrapped)
+    assert type(new) is nn.Embedding and not new._forward_hooks
+
+
+def test_torch_save_and_deepcopy_of_an_encoder_decoder():
+    import io
+
+    model = build("t5")
+    wrapped = advgraph.wrap(model, epsilon=EPS)
+    inputs = batch("t5")
+    buf = io.BytesIO()
+    torch.save(wrapped, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    clone = copy.deepcopy(wrapped)
+    for other in (loaded, clone):
+        assert advgraph.is_wrapped(other) and other.advgraph_lookups == wrapped.advgraph_lookups
+        assert other.encoder.embed_tokens is other.shared or other.encoder.embed_tokens.weight is other.shared.weight
+        ref = advgraph.unwrap(copy.deepcopy(other))
+        check_fgm_step(other, ref, _t5_lookups(ref), inputs, "output")
+    assert all(p.grad is None for p in model.parameters())  # the copies' steps stay theirs
+
+
+def test_an_embedding_shared_by_two_models_is_refused():
+    model = build("bert")
+    other = build("bert", seed=1)
+    other.set_input_embeddings(model.get_input_embeddings())
+    advgraph.wrap(model)
+    before = param_bytes(other)
+    with pytest.raises(ValueError, match=r"already perturbed.*Received: target='bert.embeddings.word_embeddings'"):
+        advgraph.wrap(other)
+    assert not advgraph.is_wrapped(other) and param_bytes(other) == before
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [("fgsm", {}), ("pgd", {"steps": 2, "random_init": True}), ("freelb", {"steps": 2}), ("vat", {})],
+)
+def test_every_method_on_an_encoder_decoder(method, kwargs, mode):
+    """Several lookups per pass touching different rows: random starts included."""
+    model = build("t5")
+    inputs = batch("t5")
+    wrapped = advgraph.wrap(model, mode=mode, method=method, epsilon=EPS, **kwargs)
+    before = param_bytes(model)
+    seen = []
+    handle = model.decoder.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", advgraph.AdvGraphWarning)  # tied LM head (matrix)
+        warnings.simplefilter("error", RuntimeWarning)
+        if method == "vat":
+            wrapped.adversarial_step(lambda: wrapped(**inputs).logits)
+        else:
+            wrapped.adversarial_step(lambda: wrapped(**inputs).loss)
+    handle.remove()
+    assert param_bytes(model) == before
+    assert wrapped.advgraph_stats == {"steps": 1, "skipped_nonfinite": 0, "skipped_zero": 0}
+    assert not torch.equal(seen[-1], seen[0])  # the decoder's lookup was perturbed
+    assert all(p.grad is not None for n, p in model.named_parameters() if "relative_attention_bias" not in n)

@@ -389,6 +389,7 @@ class MatrixSite(_Site):
         self._rows: torch.Tensor | None = None
         self._saved: torch.Tensor | None = None
         self._pending: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._applied: torch.Tensor | None = None  # what the pending function gave, by row
 
     @property
     def embedding(self) -> nn.Module:
@@ -401,21 +402,31 @@ class MatrixSite(_Site):
     def before_lookup(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook of a lookup: materialise a delta given as a function.
 
-        The function gets zeros for the rows of the first lookup that runs; rows a
-        later lookup of the same pass adds get their own call of the function.
+        The function gets zeros for the rows touched so far in the pass. When a later
+        lookup of the same pass (an encoder-decoder's decoder) touches new rows, it is
+        called again with zeros for the union of rows; the rows perturbed already keep
+        their values, which are written into the array it returned (so a method that
+        kept that array, as FreeLB keeps its random start, sees what was applied).
         """
         if self._pending is None or not args or not isinstance(args[0], torch.Tensor):
             return
         rows = torch.unique(args[0])
-        if self._rows is not None and self._saved is not None:
-            new = rows[~torch.isin(rows, self._rows)]
-            if new.numel() == 0:
-                return
-            rows = new
-        dtype = self.weight.dtype
-        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        zeros = torch.zeros(rows.shape[0], self.weight.shape[1], dtype=acc, device=self.weight.device)
-        self._add_rows(rows, self._pending(zeros))
+        weight = self.weight
+        acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        if self._applied is None or self._rows is None:
+            delta = self._pending(torch.zeros(rows.shape[0], weight.shape[1], dtype=acc, device=weight.device))
+            self._add_rows(rows, delta)
+            self._applied = delta
+            return
+        new = rows[~torch.isin(rows, self._rows)]
+        if new.numel() == 0:
+            return
+        union = torch.unique(torch.cat([self._rows, new]))
+        delta = self._pending(torch.zeros(union.shape[0], weight.shape[1], dtype=acc, device=weight.device))
+        with torch.no_grad():
+            delta[torch.searchsorted(union, self._rows)] = self._applied.to(delta.dtype)
+        self._add_rows(new, delta[torch.searchsorted(union, new)])
+        self._applied = delta
 
     def on_forward(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
         """Forward hook of a lookup."""
@@ -496,10 +507,10 @@ class MatrixSite(_Site):
                 with torch.no_grad():
                     self.weight.index_copy_(0, self._rows, self._saved)
                 self._saved = None
-            self._pending = delta
+            self._pending, self._applied = delta, None
             self.active = True
             return
-        self._pending = None
+        self._pending, self._applied = None, None
         if self._rows is None:
             raise RuntimeError("set_delta() before site_grad(): no rows to perturb.")
         weight = self.weight
@@ -513,7 +524,7 @@ class MatrixSite(_Site):
             weight.index_add_(0, self._rows, delta.detach().to(weight.dtype))
 
     def clear(self) -> None:
-        self._pending = None
+        self._pending, self._applied = None, None
         self._fresh = True
         if self._saved is not None:
             with torch.no_grad():

@@ -1,0 +1,115 @@
+"""(e) torch.compile: compiled advgraph FGM against twice a compiled plain step, and eager.
+
+BERT from config (default hidden 128, 2 layers, 2 heads, seq 64, batch 8, vocab 30522),
+AdamW, inductor. Variants, timed interleaved in one process (medians) after the
+compile warm-up (compile time is reported separately, not in the medians):
+
+- eager plain / eager FGM: one forward/backward, and advgraph FGM (2 passes), no compile;
+- compiled plain: ``torch.compile(model)``, one forward/backward + optimizer step;
+- compiled FGM: ``torch.compile(advgraph.wrap(model))``, ``adversarial_step``.
+
+FGM runs two forward/backward passes, so the pass-count limit of compiled FGM is twice a
+compiled plain step: target compiled FGM / (2 x compiled plain - optimizer step) close
+to 1; the table also shows compiled FGM against eager FGM (the speed-up compiling
+brings) and the graph breaks dynamo counted (target 0).
+
+    python benchmarks/bench_torch_compile.py [--repeats 10] [--mode output|matrix] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+import advgraph
+from _common import interleaved, machine, medians, table, write_json
+from bench_torch_step import build
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--mode", default="output", choices=("output", "matrix"))
+    parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--json", default="bench-torch-compile.json")
+    args = parser.parse_args()
+    from torch._dynamo.utils import counters
+
+    device = args.device
+    base = build(device, args.vocab, args.hidden, args.layers, args.heads)
+    for module in base.modules():  # no dropout: the compiled and eager steps do the same work
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
+    labels = torch.randint(0, 2, (args.batch,), generator=gen).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    variants, compile_s = {}, {}
+
+    def add(name, model, step, compiled=False):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            step()
+            opt.step()
+
+        if compiled:  # the first steps compile (both graphs of FGM: clean and perturbed)
+            start = time.perf_counter()
+            run()
+            run()
+            sync()
+            compile_s[name] = time.perf_counter() - start
+        variants[name] = run
+
+    eager = copy.deepcopy(base)
+    add("eager plain", eager, lambda: eager(input_ids=ids, labels=labels).loss.backward())
+    eager_fgm = advgraph.wrap(copy.deepcopy(base), mode=args.mode)
+    add("eager FGM", eager_fgm, lambda: eager_fgm.adversarial_step(lambda: eager_fgm(input_ids=ids, labels=labels).loss))
+
+    counters.clear()
+    plain = copy.deepcopy(base)
+    plain_c = torch.compile(plain, backend=args.backend)
+    add("compiled plain", plain, lambda: plain_c(input_ids=ids, labels=labels).loss.backward(), compiled=True)
+    plain_breaks = sum(counters["graph_break"].values())
+
+    counters.clear()
+    fgm = advgraph.wrap(copy.deepcopy(base), mode=args.mode)
+    fgm_c = torch.compile(fgm, backend=args.backend)
+    add("compiled FGM", fgm, lambda: fgm.adversarial_step(lambda: fgm_c(input_ids=ids, labels=labels).loss), compiled=True)
+    fgm_breaks = sum(counters["graph_break"].values())
+
+    times = interleaved(variants, args.repeats, args.warmup, sync)
+    med = medians(times)
+    ratios = {
+        "compiled FGM / (2 x compiled plain)": med["compiled FGM"] / (2 * med["compiled plain"]),
+        "compiled FGM / eager FGM": med["compiled FGM"] / med["eager FGM"],
+        "compiled plain / eager plain": med["compiled plain"] / med["eager plain"],
+    }
+    print(f"mode={args.mode} backend={args.backend} device={device} threads={torch.get_num_threads()}")
+    print(table([(n, f"{t * 1e3:.1f}", f"{compile_s[n]:.0f}" if n in compile_s else "-") for n, t in med.items()],
+                ("variant", "median ms", "first 2 steps s")))
+    print()
+    print(table([(n, f"{r:.3f}") for n, r in ratios.items()], ("ratio", "value")))
+    print(f"graph breaks: compiled plain {plain_breaks}, compiled FGM {fgm_breaks} (advgraph adds {fgm_breaks - plain_breaks})")
+    write_json(args.json, {
+        "benchmark": "torch_compile", "args": vars(args), "machine": machine(), "median_s": med,
+        "times_s": times, "ratios": ratios, "compile_s": compile_s,
+        "graph_breaks": {"compiled plain": plain_breaks, "compiled FGM": fgm_breaks},
+    })
+
+
+if __name__ == "__main__":
+    main()
