@@ -184,18 +184,18 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_ddp_around_the_unwrapped_model_fails_clearly(one_rank_group):
+def test_ddp_around_the_model_works_in_either_order(one_rank_group):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
     model = Net()
-    wrapped = advgraph.wrap(model)  # plain model: the fx route returns a new GraphModule
-    assert wrapped is not model
-    ddp = DDP(model)  # wrong: DDP must get `wrapped` (or: advgraph.wrap(DDP(model)))
+    wrapped = advgraph.wrap(model)  # the user's own object: DDP(model) is DDP(wrapped)
+    assert wrapped is model
     x, y = torch.randint(0, 30, (4, 5)), torch.randint(0, 3, (4,))
+    # A closure that never reaches the embedding still fails clearly.
     expected = r"give DDP the object advgraph.wrap\(\) returned.*Received: embedding_calls=0"
     with pytest.raises(ValueError, match=expected):
-        wrapped.adversarial_step(lambda: F.cross_entropy(ddp(x), y))
+        wrapped.adversarial_step(lambda: (model.fc.weight**2).sum())
     # Either supported order works in the same process group.
     good = DDP(wrapped)
     assert torch.isfinite(wrapped.adversarial_step(lambda: F.cross_entropy(good(x), y)))

@@ -70,11 +70,14 @@ def _trace(module: nn.Module) -> fx.GraphModule:
 
 
 def scalar_attributes(module: nn.Module) -> dict[str, Any]:
-    """The plain attributes symbolic tracing may have baked into the code as constants."""
+    """The plain attributes symbolic tracing may have baked into the code as constants.
+
+    ``training`` is left out: :func:`rewrite_lookup` refuses a forward that depends on it.
+    """
     return {
         k: v
         for k, v in vars(module).items()
-        if isinstance(v, (bool, int, float, str, type(None))) and k != SITE_ATTR
+        if isinstance(v, (bool, int, float, str, type(None))) and k not in (SITE_ATTR, "training")
     }
 
 

@@ -290,9 +290,9 @@ class AdversarialModule:
                 "adversarial_step() was called inside perturbed(); leave the block first. "
                 f"{received(perturbation_active=True)}"
             )
-        _follow(self, state)
         if state.config.mode == "matrix":
             _refuse_sharded_matrix(state)
+        _follow(self, state)
         if state.sync is None:  # a module wrapped before this field existed
             state.sync = _SyncDeferral()
         runner = _StepRunner(state.site, state.sync, backward, passes(state.config))
@@ -322,9 +322,9 @@ class AdversarialModule:
             raise RuntimeError(
                 f"perturbed() blocks cannot be nested. {received(perturbation_active=True)}"
             )
-        _follow(self, state)
         if state.config.mode == "matrix":
             _refuse_sharded_matrix(state)
+        _follow(self, state)
         # No local reference to delta: in matrix mode the site applies it in place and
         # keeps only the saved rows, so the block holds O(rows x d) once, not twice.
         site.set_delta(single_delta(site, state.config))
@@ -557,6 +557,15 @@ def _current_target(model: nn.Module, state: _State) -> Any:
     return state.spec
 
 
+_MISSING = object()
+
+
+def _traced_attributes_changed(lookup: _Lookup) -> bool:
+    """Whether a plain attribute the trace may have baked in as a constant changed."""
+    now = vars(lookup.module)
+    return any(now.get(name, _MISSING) != value for name, value in lookup.attrs.items())
+
+
 def _follow(model: nn.Module, state: _State) -> None:
     """Before a step: follow a replaced or resized embedding.
 
@@ -566,11 +575,18 @@ def _follow(model: nn.Module, state: _State) -> None:
     sets ``num_embeddings`` / ``padding_idx``; T5 then makes ``shared`` every lookup).
     """
     current = _current_target(model, state)
-    changed = current is not state.target or getattr(current, "weight", None) is not state.weight
+    if current is None:  # the path moved (a sharding wrapper): keep what is installed
+        return
+    weight = getattr(current, "weight", None)
+    # A weight that FSDP / ZeRO-3 turned into a shard is the same weight: the fx-rewritten
+    # forward reads ``self.weight`` when it runs, as the original forward does.
+    replaced = (
+        weight is not state.weight and isinstance(weight, nn.Parameter) and _sharded_weight(weight) is None
+    )
+    changed = current is not state.target or replaced
     if not changed:
         changed = any(
-            lookup.route == "fx" and scalar_attributes(lookup.module) != lookup.attrs
-            for lookup in state.lookups
+            lookup.route == "fx" and _traced_attributes_changed(lookup) for lookup in state.lookups
         )
     if not changed:
         return
