@@ -196,8 +196,8 @@ def test_replaced_train_step_raises_instead_of_training_plainly() -> None:
 def test_error_in_the_adversarial_pass_leaves_the_embedding_unperturbed(mode: str) -> None:
     """The second forward of the step raises; the stored matrix keeps its bytes.
 
-    torch runs eagerly (Python restores); JAX is functional (nothing was stored);
-    TensorFlow runs eagerly here (its compiled graph cannot run Python's finally).
+    torch runs eagerly (Python restores); JAX raises while tracing the jitted step,
+    which is functional (nothing was stored); TensorFlow runs eagerly here.
     """
 
     class Bomb(keras.layers.Layer):
@@ -223,34 +223,6 @@ def test_error_in_the_adversarial_pass_leaves_the_embedding_unperturbed(mode: st
     before = matrix_bytes(model)
     bomb.armed = True
     with pytest.raises(Exception, match="boom"):
-        wrapped.train_on_batch(x, y)
-    assert matrix_bytes(model) == before
-
-
-@pytest.mark.skipif(BACKEND != "jax", reason="jax.jit: an error raised inside the compiled step")
-def test_jax_error_inside_the_jitted_step_leaves_the_embedding_unperturbed() -> None:
-    import jax
-
-    def explode(v):
-        raise RuntimeError("boom inside jit")
-
-    class Bomb(keras.layers.Layer):
-        armed = False
-
-        def call(self, h, training=None):
-            if training and Bomb.armed:
-                jax.debug.callback(explode, h.sum())
-            return h
-
-    inp = keras.Input((L,), dtype="int32")
-    out = keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(Bomb()(keras.layers.Embedding(V, D)(inp))))
-    model = keras.Model(inp, out)
-    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
-    wrapped = advgraph.wrap(model, mode="matrix")
-    before = matrix_bytes(model)
-    Bomb.armed = True
-    x, y = data()
-    with pytest.raises(Exception):
         wrapped.train_on_batch(x, y)
     assert matrix_bytes(model) == before
 
