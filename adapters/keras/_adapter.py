@@ -179,9 +179,9 @@ def _check_matrix_target(model: keras.Model, path: str, layer: keras.layers.Laye
     if shared:
         warnings.warn(
             f"advgraph: the embedding matrix of '{path}' is also a weight of "
-            f"{', '.join(repr(s) for s in shared)}; in mode='matrix' the perturbation "
-            "reaches those layers too (e.g. a tied output layer), and delta then covers the "
-            "whole matrix. mode='output' perturbs only the embedding's output.",
+            f"{', '.join(repr(s) for s in shared)}; in mode='matrix' the perturbed rows "
+            "reach those layers too (e.g. a tied output layer). delta comes from the "
+            "lookup's gradient only. mode='output' perturbs only the embedding's output.",
             AdvGraphWarning,
             stacklevel=4,
         )

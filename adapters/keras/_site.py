@@ -320,6 +320,8 @@ class MatrixSite(_KerasSite):
         self._saved: Any = None  # rows (or matrix) saved before the installed delta
         self._saved_ids: Any = None
         self._pending: Callable[[Any], Any] | None = None
+        self._lookups: list[tuple[Any, Any]] = []
+        self._next_ids: Any = None
 
     @property
     def keras_variable(self) -> Any:
@@ -331,16 +333,26 @@ class MatrixSite(_KerasSite):
         """The backing ``tf.Variable`` (a ``MirroredVariable`` under MirroredStrategy)."""
         return self.keras_variable.value
 
+    def _begin_pass(self, tape: tf.GradientTape) -> None:
+        self._lookups = []  # (ids, output) of each lookup in this pass
+        self._next_ids = None
+
     def on_output(self, x: Any) -> Any:
-        """The lookup's output: unchanged (the variable's gradient drives delta here)."""
+        """The lookup's output (unchanged): its gradient is the lookup gradient."""
+        if self._next_ids is not None and tf.is_tensor(x) and x.dtype.is_floating:
+            self._tape.watch(x)  # also when the embedding is frozen
+            self._lookups.append((self._next_ids, x))
+        self._next_ids = None
         return x
 
-    def _begin_pass(self, tape: tf.GradientTape) -> None:
-        if self.layer.built:  # else it is created (and watched) by this forward
-            tape.watch(self.variable)  # also when the embedding is frozen
-
     def _sources(self) -> list[Any]:
-        return [self.keras_variable]
+        if not self._lookups:
+            raise ValueError(
+                "The forward of the training step did not run the target layer, so there is "
+                "no perturbation site. Train the model returned by advgraph.wrap(). "
+                f"{received(target_calls=0)}"
+            )
+        return [out for _, out in self._lookups]
 
     # -- the row layout -------------------------------------------------------------
     def _layout(self, ids: Any) -> tuple[Any, Any, Any]:
@@ -365,20 +377,28 @@ class MatrixSite(_KerasSite):
         return ids, seg, num
 
     def _take_grad(self, grads: list[Any]) -> None:
-        grad = grads[0]
-        var = self.variable
-        if grad is None:  # the loss does not depend on the matrix: delta = 0
-            grad = tf.zeros(var.shape, var.dtype)
-        # Every replica must write the same delta into its copy of the matrix.
-        grad = _all_reduce_sum(grad)
-        if isinstance(grad, tf.IndexedSlices):
-            self._ids, self._seg, num = self._layout(grad.indices)
-            self._dense = False
-            self._grad = tf.math.unsorted_segment_sum(grad.values, self._seg, num_segments=num)
-        else:  # the matrix is used outside a lookup too: delta on the whole matrix
-            self._ids = self._seg = None
-            self._dense = True
-            self._grad = tf.convert_to_tensor(grad)
+        """The lookup gradient of the touched rows (a tied head's gradient is not in it).
+
+        The gradient at each lookup's output, per position, summed per id: what the
+        lookup contributes to the matrix's gradient (its IndexedSlices).
+        """
+        dim = self.variable.shape[-1]
+        ids, values = [], []
+        for (call_ids, out), grad in zip(self._lookups, grads):
+            if grad is None:  # the loss does not depend on the lookup: delta = 0
+                grad = tf.zeros_like(out)
+            ids.append(tf.reshape(call_ids, [-1]))
+            values.append(tf.reshape(tf.convert_to_tensor(grad), [-1, dim]))
+        ids = ids[0] if len(ids) == 1 else tf.concat(ids, axis=0)
+        values = values[0] if len(values) == 1 else tf.concat(values, axis=0)
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            # Every replica must write the same delta: the rows of the global batch.
+            ids = ctx.all_gather(ids, axis=0)
+            values = ctx.all_gather(values, axis=0)
+        self._ids, self._seg, num = self._layout(ids)
+        self._dense = False
+        self._grad = tf.math.unsorted_segment_sum(values, self._seg, num_segments=num)
 
     # -- installing delta -------------------------------------------------------------
     def _same_on_all_replicas(self, delta: Any) -> Any:
@@ -415,8 +435,11 @@ class MatrixSite(_KerasSite):
         var.scatter_update(tf.IndexedSlices(rows, self._ids))
 
     def before_lookup(self, inputs: Any) -> None:
-        """Before the embedding's lookup: materialise a delta given as a function."""
-        if self._pending is None or not tf.is_tensor(inputs) or not inputs.dtype.is_integer:
+        """Before the embedding's lookup: its ids; materialise a delta given as a function."""
+        if not tf.is_tensor(inputs) or not inputs.dtype.is_integer:
+            return
+        self._next_ids = inputs
+        if self._pending is None:
             return
         fn, self._pending = self._pending, None
         ids = tf.reshape(inputs, [-1])
