@@ -253,3 +253,33 @@ def test_token_and_position_embedding_gives_no_false_warning() -> None:
         x, y = data()
         wrapped.fit(x, y, verbose=0)
     assert wrapped.advgraph_stats["steps"] == 1
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_keras_hub_gpt2_causal_lm(mode: str) -> None:
+    """GPT-2's ReversibleEmbedding is also its LM head: the lookup only is the site."""
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=40, num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16,
+        max_sequence_length=L, dropout=0.0,
+    )
+    model = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(1, 20, (4, L)).astype("int32"), "padding_mask": np.ones((4, L), "int32")}
+    y = rng.integers(1, 20, (4, L)).astype("int32")
+    untouched = matrix_bytes_of(backbone.token_embedding)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = advgraph.wrap(model, mode=mode, epsilon=0.5)
+        wrapped.fit(x, y, verbose=0)
+    ours = [str(w.message) for w in caught if issubclass(w.category, AdvGraphWarning)]
+    assert wrapped.advgraph_target.endswith("token_embedding")
+    assert wrapped.advgraph_stats["steps"] == 1
+    assert (len(ours) == 1 and "output head" in ours[0]) if mode == "matrix" else ours == []
+    assert matrix_bytes_of(backbone.token_embedding) != untouched  # trained
+
+
+def matrix_bytes_of(layer) -> bytes:
+    return np.asarray(keras.ops.convert_to_numpy(layer.embeddings.value)).tobytes()
