@@ -283,3 +283,34 @@ def test_keras_hub_gpt2_causal_lm(mode: str) -> None:
 
 def matrix_bytes_of(layer) -> bytes:
     return np.asarray(keras.ops.convert_to_numpy(layer.embeddings.value)).tobytes()
+
+
+def test_only_the_active_backends_framework_is_imported() -> None:
+    """advgraph adds no framework import beyond what keras itself imports."""
+    code = (
+        "import sys, keras, numpy as np, advgraph\n"
+        "before = {f for f in ('tensorflow', 'jax', 'torch') if f in sys.modules}\n"
+        "m = keras.Sequential([keras.Input((4,), dtype='int32'), keras.layers.Embedding(10, 3),\n"
+        "                      keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])\n"
+        "m.compile(optimizer='sgd', loss='mse')\n"
+        "advgraph.wrap(m, mode='matrix')\n"
+        "others = {'tensorflow', 'jax', 'torch'} - {keras.backend.backend()} - before\n"
+        "print(sorted(o for o in others if o in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, KERAS_BACKEND=BACKEND))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_unknown_keras_version_is_a_clear_error(monkeypatch) -> None:
+    from advgraph.adapters.keras import _private
+
+    monkeypatch.setattr(keras, "version", lambda: "4.0.0")
+    with pytest.raises(ImportError, match="supports Keras 3.*Received: keras_version='4.0.0'"):
+        _private.check_keras_version()
+    model = build()
+    monkeypatch.delattr(type(model), "_loss_tracker", raising=False)
+    object.__setattr__(model, "_loss_tracker", None)
+    with pytest.raises(RuntimeError, match="Trainer._loss_tracker.*Received: keras_version="):
+        _private.loss_tracker(model)

@@ -141,6 +141,14 @@ def _check_model(model: keras.Model) -> str:
             "train_step (override compute_loss instead), or call advgraph's methods from "
             f"your train_step. {received(model_class=type(model).__qualname__)}"
         )
+    nnx = getattr(keras.config, "is_nnx_enabled", lambda: False)
+    if backend == "jax" and nnx():
+        # Keras' NNX train function calls type(model).train_step: a per-instance step
+        # would be bypassed and fit() would train without adversarial steps.
+        raise ValueError(
+            "advgraph's Keras adapter does not support Flax NNX mode (KERAS_NNX_ENABLED); "
+            f"turn it off to train adversarially. {received(nnx_enabled=True)}"
+        )
     if backend == "torch" and model.steps_per_execution > 1:  # Keras refuses it too
         raise ValueError(
             "`steps_per_execution` must be 1 with the PyTorch backend. "
