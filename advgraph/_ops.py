@@ -15,11 +15,13 @@ float32 before any reduction by the callers through :meth:`Ops.widen`.
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 from advgraph._errors import received
 
-__all__ = ["Ops", "ops_for"]
+__all__ = ["Ops", "ops_for", "jax_keys"]
 
 Array = Any
 
@@ -106,6 +108,60 @@ class Ops:
         raise NotImplementedError
 
 
+_KEYS = threading.local()
+
+
+@contextmanager
+def jax_keys(next_key: Callable[[], Any]) -> Iterator[None]:
+    """Within this block, random draws on jax arrays without ``rng`` use ``next_key()``.
+
+    JAX has no global random state: a caller that runs the core inside a jitted
+    step (the Keras JAX adapter) passes a function returning a fresh
+    ``jax.random`` key per draw, split from a key carried in its state.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from advgraph._ops import jax_keys, ops_for
+        >>> keys = iter(jax.random.split(jax.random.key(0), 4))
+        >>> with jax_keys(lambda: next(keys)):
+        ...     noise = ops_for(jnp.zeros(3)).normal_like(jnp.zeros(3))
+        >>> noise.shape
+        (3,)
+    """
+    previous = getattr(_KEYS, "fn", None)
+    _KEYS.fn = next_key
+    try:
+        yield
+    finally:
+        _KEYS.fn = previous
+
+
+def _jax_key(rng: Any) -> Any:
+    if rng is not None:
+        return rng
+    fn = getattr(_KEYS, "fn", None)
+    if fn is None:
+        raise ValueError(
+            "Random numbers for jax arrays need a key: pass rng=jax.random.key(seed). "
+            f"{received(rng=rng)}"
+        )
+    return fn()
+
+
+def _jax_primal(x: Array) -> Array:
+    """``x`` without its autodiff tracers (the value ``stop_gradient`` means).
+
+    Inside ``jax.value_and_grad`` a value is a linearize/JVP tracer of that
+    transformation; its primal is the same value one level up. A value kept across
+    passes (VAT's clean log-probabilities) must be the primal, or it would leak the
+    finished transformation's tracer into the next pass.
+    """
+    jax = sys.modules["jax"]
+    while isinstance(x, jax.core.Tracer) and type(x).__name__ in ("JVPTracer", "LinearizeTracer"):
+        x = x.primal
+    return x
+
+
 class _ArrayApiOps(Ops):
     """numpy, torch and every library array-api-compat covers."""
 
@@ -176,6 +232,8 @@ class _ArrayApiOps(Ops):
     def stop_gradient(self, x: Array) -> Array:
         if self.name == "torch":
             return x.detach()
+        if self.name == "jax":
+            return sys.modules["jax"].lax.stop_gradient(_jax_primal(x))
         return x
 
     def sum(self, x: Array, axes: Sequence[int]) -> Array:
@@ -210,8 +268,12 @@ class _ArrayApiOps(Ops):
 
             gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
             return gen.uniform(low, high, size=x.shape).astype(self.widen(x).dtype)
+        if self.name == "jax":
+            jax = sys.modules["jax"]
+            dtype = self.widen(x).dtype
+            return jax.random.uniform(_jax_key(rng), x.shape, dtype, minval=low, maxval=high)
         raise NotImplementedError(  # pragma: no cover
-            f"Random starts are implemented for numpy, torch and tensorflow arrays. "
+            f"Random starts are implemented for numpy, torch, jax and tensorflow arrays. "
             f"{received(array_type=type(x).__name__)}"
         )
 
@@ -225,8 +287,11 @@ class _ArrayApiOps(Ops):
 
             gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
             return gen.standard_normal(size=x.shape).astype(self.widen(x).dtype)
+        if self.name == "jax":
+            jax = sys.modules["jax"]
+            return jax.random.normal(_jax_key(rng), x.shape, self.widen(x).dtype)
         raise NotImplementedError(  # pragma: no cover
-            f"Random starts are implemented for numpy, torch and tensorflow arrays. "
+            f"Random starts are implemented for numpy, torch, jax and tensorflow arrays. "
             f"{received(array_type=type(x).__name__)}"
         )
 
@@ -343,6 +408,8 @@ def ops_for(x: Array, arg: str = "grad") -> Ops:
         if array_api_compat is not None and _is_array(x, array_api_compat):
             xp = array_api_compat.array_namespace(x)
             name = xp.__name__.rsplit(".", 1)[-1]
+            if xp.__name__.startswith("jax"):  # jax.numpy: not numpy
+                name = "jax"
             if name not in _API_OPS:
                 _API_OPS[name] = _ArrayApiOps(xp, name)
             return _API_OPS[name]

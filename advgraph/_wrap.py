@@ -1,8 +1,9 @@
 """``wrap`` / ``unwrap``: find the model's framework and hand over to its adapter.
 
 The framework is recognised through ``sys.modules``: a torch model can only exist
-if torch is already imported, a Keras model only if keras is. Only the adapter of
-that framework is imported.
+if torch is already imported, a Keras model only if keras is. Keras is asked
+first: on Keras' torch backend a ``keras.Model`` is also a ``torch.nn.Module``,
+and it must reach the Keras adapter. Only the adapter of that framework is imported.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ M = TypeVar("M")
 
 
 def _framework_of(model: Any) -> str | None:
+    # Keras first: on the torch backend a keras.Model is also a torch.nn.Module.
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(model, getattr(keras, "Model", ())):
+        return "keras"
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(model, torch.nn.Module):
         return "torch"
-    keras = sys.modules.get("keras")
-    if keras is not None and isinstance(model, keras.Model):
-        return "keras"
     return None
 
 
@@ -156,7 +158,10 @@ def is_wrapped(model: Any) -> bool:
         >>> advgraph.is_wrapped(object())
         False
     """
-    framework = _framework_of(model)
-    if framework is None:
+    try:
+        framework = _framework_of(model)
+        if framework is None:
+            return False
+        return bool(_adapter(framework).is_wrapped(model))
+    except Exception:  # an adapter that cannot load (framework missing) wrapped nothing
         return False
-    return bool(_adapter(framework).is_wrapped(model))

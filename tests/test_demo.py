@@ -170,6 +170,9 @@ def run_cli(*args, timeout=240):
         (["--epochs", "1.5"], "--epochs must be an integer >= 1"),
         (["--framework", "jax"], "--framework must be one of torch, keras. Received: framework='jax'"),
         (["--mode", "rows"], "--mode must be one of output, matrix"),
+        (["--backend", "jax"], "--backend chooses the Keras backend: it needs --framework keras"),
+        (["--framework", "keras", "--backend", "mxnet"],
+         "--backend must be one of tensorflow, jax, torch. Received: backend='mxnet'"),
         (["--data", "/no/such/file.tsv"], "--data must be an existing TSV file"),
         (["--plot", "/no/such/folder/out.png"], "--plot must be a file path in an existing folder"),
     ],
@@ -304,3 +307,16 @@ def test_cli_end_to_end_keras(tmp_path):
     result = run_cli("demo", "--framework", "keras", "--data", str(tsv), "--methods", "none,fgm",
                      "--seeds", "1", "--epochs", "1")
     check_output(result)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_cli_end_to_end_keras_other_backends(tmp_path, backend):
+    import importlib.util
+
+    if importlib.util.find_spec(backend) is None or importlib.util.find_spec("keras") is None:
+        pytest.skip(f"{backend} or keras is not installed")
+    tsv = write_tsv(tmp_path / "d.tsv")
+    result = run_cli("demo", "--framework", "keras", "--backend", backend, "--data", str(tsv),
+                     "--methods", "none,fgm", "--seeds", "1", "--epochs", "1")
+    check_output(result)
+    assert f"keras ({backend})" in result.stdout

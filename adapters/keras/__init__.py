@@ -1,6 +1,7 @@
-"""Keras 3 adapter of advgraph (``advgraph.adapters.keras``; TensorFlow backend).
+"""Keras 3 adapter of advgraph (``advgraph.adapters.keras``): TensorFlow, JAX and torch.
 
-Imported by :func:`advgraph.wrap` when it is given a ``keras.Model``:
+Imported by :func:`advgraph.wrap` when it is given a ``keras.Model``; only the
+framework of the active Keras backend is imported (``KERAS_BACKEND``):
 
     model.compile(optimizer="adam", loss=..., metrics=[...])
     model = advgraph.wrap(model, target="embedding", mode="matrix", epsilon=0.5)
@@ -10,10 +11,13 @@ Imported by :func:`advgraph.wrap` when it is given a ``keras.Model``:
 
 from advgraph._errors import require as _require
 
-_require("tensorflow", "tensorflow", "advgraph's Keras adapter")
-_require("keras", "tensorflow", "advgraph's Keras adapter")
+_require("keras", "keras", "advgraph's Keras adapter")
+
+from ._private import check_keras_version as _check_keras_version  # noqa: E402
+
+_check_keras_version()
 
 from ._adapter import is_wrapped, unwrap, wrap  # noqa: E402
-from ._site import Perturbation, Stats  # noqa: E402
+from ._hook import Perturbation, StatsBase as Stats  # noqa: E402
 
 __all__ = ["Perturbation", "Stats", "is_wrapped", "unwrap", "wrap"]

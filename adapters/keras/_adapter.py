@@ -1,12 +1,13 @@
-"""``wrap`` / ``unwrap`` for Keras 3 models with the TensorFlow backend.
+"""``wrap`` / ``unwrap`` for Keras 3 models, on every backend (TensorFlow, JAX, torch).
 
 A wrapped model trains adversarially in ``fit()`` (and ``train_on_batch()``): its
 ``train_step`` runs every forward/backward pass of the method through
-:func:`advgraph._methods.run_method` on a Keras site, sums the parameter gradients
-of the passes, and makes ONE ``optimizer.apply_gradients`` call. All of it runs
-inside the compiled train function (``tf.function``, XLA with
-``jit_compile=True``, the ``steps_per_execution`` loop, ``MirroredStrategy``
-replicas): no host round-trip per step. ``evaluate()`` and ``predict()`` are
+:func:`advgraph._methods.run_method` on a site of the model's backend, sums the
+parameter gradients of the passes, and makes ONE optimizer update. All of it runs
+inside the backend's compiled train function where Keras compiles one
+(TensorFlow: ``tf.function``, XLA, ``steps_per_execution``, ``MirroredStrategy``
+replicas; JAX: ``jax.jit``, functional, see ``_jax``; torch: eager, see
+``_torch``): no host round-trip per step. ``evaluate()`` and ``predict()`` are
 unchanged.
 
 The override is per instance: ``train_step`` (and a thin ``fit`` that warns
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import types
 import warnings
@@ -39,20 +41,18 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import keras
-import tensorflow as tf
 
 from advgraph._config import AdversarialConfig
 from advgraph._errors import AdvGraphWarning, received
-from advgraph._methods import run_method
 
+from . import _private
+from ._hook import Perturbation, SiteHook, StatsBase
 from ._routes import (
-    functional_class,
     is_call_wrapped,
     rewrite_functional,
     rewrite_sequential,
     wrap_call,
 )
-from ._site import MatrixSite, OutputSite, Perturbation, SiteHook, Stats
 from ._target import find_target, iter_layers
 
 logger = logging.getLogger("advgraph")
@@ -64,10 +64,19 @@ _PUBLIC_ATTRS = ("advgraph_stats", "advgraph_route", "advgraph_target", "advgrap
 _METHOD_ATTRS = ("train_step", "fit", "get_config")
 
 
+# Keras backend -> the module of its train step, sites and counters.
+_BACKENDS = {"tensorflow": "_tf", "jax": "_jax", "torch": "_torch"}
+
+
+def _backend_module(backend: str) -> Any:
+    """The step module of ``backend`` (imports only that backend's framework)."""
+    return importlib.import_module(f"{__package__}.{_BACKENDS[backend]}")
+
+
 @dataclass
 class _State:
     config: AdversarialConfig
-    stats: Stats
+    stats: StatsBase
     route: str
     target_path: str
     target: keras.layers.Layer
@@ -75,6 +84,8 @@ class _State:
     original: keras.Model | None = None  # rewrite routes: the user's model
     perturbation: Perturbation | None = None  # rewrite routes: the inserted layer
     undo: Callable[[], None] | None = None  # call-wrap route and mode='matrix'
+    backend: str = "tensorflow"
+    step: Callable[..., Any] | None = None  # the function bound as train_step
 
 
 def is_wrapped(model: Any) -> bool:
@@ -86,7 +97,10 @@ def is_wrapped(model: Any) -> bool:
         >>> is_wrapped(keras.Sequential([keras.layers.Dense(1)]))
         False
     """
-    return "_advgraph" in getattr(model, "__dict__", {})
+    try:
+        return "_advgraph" in vars(model)
+    except TypeError:  # no __dict__
+        return False
 
 
 def _state(model: Any) -> _State:
@@ -102,12 +116,12 @@ def _state(model: Any) -> _State:
 # -- checks ------------------------------------------------------------------------
 
 
-def _check_model(model: keras.Model) -> None:
+def _check_model(model: keras.Model) -> str:
     backend = keras.backend.backend()
-    if backend != "tensorflow":
+    if backend not in _BACKENDS:
         raise ValueError(
-            "advgraph's Keras adapter needs the TensorFlow backend (set KERAS_BACKEND="
-            f"'tensorflow'). {received(backend=backend)}"
+            "advgraph's Keras adapter supports the TensorFlow, JAX and PyTorch backends "
+            f"(KERAS_BACKEND='tensorflow', 'jax' or 'torch'). {received(backend=backend)}"
         )
     if is_wrapped(model):
         raise ValueError(
@@ -127,6 +141,20 @@ def _check_model(model: keras.Model) -> None:
             "train_step (override compute_loss instead), or call advgraph's methods from "
             f"your train_step. {received(model_class=type(model).__qualname__)}"
         )
+    nnx = getattr(keras.config, "is_nnx_enabled", lambda: False)
+    if backend == "jax" and nnx():
+        # Keras' NNX train function calls type(model).train_step: a per-instance step
+        # would be bypassed and fit() would train without adversarial steps.
+        raise ValueError(
+            "advgraph's Keras adapter does not support Flax NNX mode (KERAS_NNX_ENABLED); "
+            f"turn it off to train adversarially. {received(nnx_enabled=True)}"
+        )
+    if backend == "torch" and model.steps_per_execution > 1:  # Keras refuses it too
+        raise ValueError(
+            "`steps_per_execution` must be 1 with the PyTorch backend. "
+            f"{received(steps_per_execution=model.steps_per_execution)}"
+        )
+    return backend
 
 
 def _check_matrix_target(model: keras.Model, path: str, layer: keras.layers.Layer) -> None:
@@ -145,19 +173,23 @@ def _check_matrix_target(model: keras.Model, path: str, layer: keras.layers.Laye
             "mode='matrix' needs a floating-point embedding matrix. "
             f"{received(target=path, dtype=dtype)}"
         )
+    def contains(outer: Any) -> bool:  # e.g. TokenAndPositionEmbedding holds the target
+        return any(inner is layer for _, inner in iter_layers(outer))
+
     shared = [
         p
         for p, other in iter_layers(model)
         if other is not layer
         and not isinstance(other, keras.Model)
         and any(w is embeddings for w in other.weights)
+        and not contains(other)
     ]
     if shared:
         warnings.warn(
             f"advgraph: the embedding matrix of '{path}' is also a weight of "
-            f"{', '.join(repr(s) for s in shared)}; in mode='matrix' the perturbation "
-            "reaches those layers too (e.g. a tied output layer), and delta then covers the "
-            "whole matrix. mode='output' perturbs only the embedding's output.",
+            f"{', '.join(repr(s) for s in shared)}; in mode='matrix' the perturbed rows "
+            "reach those layers too (e.g. a tied output layer). delta comes from the "
+            "lookup's gradient only. mode='output' perturbs only the embedding's output.",
             AdvGraphWarning,
             stacklevel=4,
         )
@@ -174,79 +206,21 @@ def _check_not_shared(path: str, layer: keras.layers.Layer) -> None:
 # -- the adversarial train_step ------------------------------------------------------
 
 
-def _unscale_for_distribution(loss: tf.Tensor) -> tf.Tensor:
-    # Keras divides the compiled loss by the number of replicas; the logged loss is not.
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas > 1:
-        loss = loss * tf.cast(replicas, loss.dtype)
-    return loss
+def _step_method(backend: str) -> Callable[..., Any]:
+    """The ``train_step`` the wrapped model gets: the backend's, with Keras' signature."""
+    module = _backend_module(backend)
+    if backend == "jax":
 
+        def train_step(self: keras.Model, state: Any, data: Any) -> Any:
+            return module.train_step(self, state, data, _state(self))
 
-def _compute_loss(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any) -> Any:
-    compute = getattr(model, "_compute_loss", None)  # handles compute_loss without `training`
-    if compute is not None:
-        return compute(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-    return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
-
-
-def _adversarial_train_step(self: keras.Model, data: Any) -> dict[str, Any]:
-    """The wrapped model's ``train_step``: every pass of the method, one update.
-
-    Mirrors Keras' TensorFlow ``train_step``: the loss tracker and the compiled
-    metrics see the clean pass (its loss and predictions; FreeLB: its first pass;
-    VAT on an unlabeled batch, ``fit(x)`` with no ``y``: the VAT loss, and the
-    model's outputs are taken as logits); the loss is scaled with
-    ``optimizer.scale_loss`` in every pass (mixed precision: the
-    ``LossScaleOptimizer`` unscales the summed gradients and skips non-finite
-    ones); ``optimizer.apply_gradients`` runs once with the summed gradients.
-    """
-    state = _state(self)
-    config = state.config
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    site: Any
-    if config.mode == "matrix":
-        site = MatrixSite(self, state.stats, state.target, static_shapes=bool(self.jit_compile))
     else:
-        site = OutputSite(self, state.stats)
-    predictions: list[Any] = []
-    vat = config.method == "vat"
 
-    def closure() -> Any:
-        # Metrics see the first (clean) pass only: the per-output loss trackers of
-        # compile(), and any metric a forward or compute_loss updates, are put back
-        # after the later passes (in-graph: the variables' values before the pass).
-        later = bool(predictions)
-        metric_vars = list(self.metrics_variables) if later else []
-        saved = [tf.identity(v) for v in metric_vars]
-        if getattr(self, "_call_has_training_arg", True):
-            y_pred = self(x, training=True)
-        else:
-            y_pred = self(x)
-        predictions.append(y_pred)
-        if vat and y is None:  # unlabeled batch: VAT needs the logits only
-            out = y_pred
-        else:
-            loss = _compute_loss(self, x, y, y_pred, sample_weight)
-            out = (loss, y_pred) if vat else loss
-        for var, value in zip(metric_vars, saved):
-            var.assign(value)
-        return out
+        def train_step(self: keras.Model, data: Any) -> Any:
+            return module.train_step(self, data, _state(self))
 
-    with state.hook.activate(site):
-        loss = run_method(site, closure, config)
-
-    first = next(t for t in keras.tree.flatten(x) if t is not None)
-    self._loss_tracker.update_state(
-        _unscale_for_distribution(loss), sample_weight=tf.shape(first)[0]
-    )
-    if site.variables:
-        grads = site.param_grads or [None] * len(site.variables)
-        self.optimizer.apply_gradients(zip(grads, site.variables))
-    else:
-        warnings.warn("The model does not have any trainable weights.", stacklevel=2)
-    if y is None:
-        return self.get_metrics_result()
-    return self.compute_metrics(x, y, predictions[0], sample_weight=sample_weight)
+    train_step.__doc__ = module.train_step.__doc__
+    return train_step
 
 
 def _make_fit(model: keras.Model) -> Callable[..., Any]:
@@ -255,13 +229,44 @@ def _make_fit(model: keras.Model) -> Callable[..., Any]:
     @functools.wraps(type(model).fit)
     def fit(*args: Any, **kwargs: Any) -> Any:
         state = model.__dict__.get("_advgraph")
-        before = state.stats.as_dict() if state is not None else None
+        if state is None:
+            return original_fit(*args, **kwargs)
+        _check_step_installed(model, state)
+        before = state.stats.as_dict()
+        updates = _updates(model)
         history = original_fit(*args, **kwargs)
-        if state is not None and before is not None:
-            _warn_skipped(before, state.stats.as_dict())
+        after = state.stats.as_dict()
+        if _updates(model) > updates and after["steps"] == before["steps"]:
+            raise RuntimeError(
+                "fit() updated the wrapped model without any adversarial step: its train "
+                "function does not run advgraph's train_step (was train_step, "
+                "train_function or make_train_function replaced after advgraph.wrap()?). "
+                "Call advgraph.unwrap() and wrap() again. "
+                f"{received(optimizer_updates=_updates(model) - updates, adversarial_steps=0)}"
+            )
+        _warn_skipped(before, after)
         return history
 
     return fit
+
+
+def _updates(model: keras.Model) -> int:
+    try:
+        return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    except Exception:  # pragma: no cover - an optimizer without iterations
+        return 0
+
+
+def _check_step_installed(model: keras.Model, state: _State) -> None:
+    """Raise if fit() would not reach advgraph's train_step (no silent plain steps)."""
+    step = model.__dict__.get("train_step")
+    if getattr(step, "__func__", None) is not state.step:
+        raise RuntimeError(
+            "The wrapped model's train_step is no longer advgraph's (it was replaced after "
+            "advgraph.wrap()), so fit() would train without adversarial steps. Call "
+            "advgraph.unwrap() and wrap() again. "
+            f"{received(train_step=getattr(step, '__qualname__', type(step).__name__))}"
+        )
 
 
 def _warn_skipped(before: dict[str, int], after: dict[str, int]) -> None:
@@ -308,12 +313,12 @@ def _install_output(
     rewrite: Callable[..., Any] | None = None
     if top_level and cls is keras.Sequential:
         rewrite, route = rewrite_sequential, "sequential-rewrite"
-    elif top_level and cls is functional_class():
+    elif top_level and cls is _private.functional_class():
         rewrite, route = rewrite_functional, "functional-rewrite"
     if rewrite is None:
         why = (
             f"the target '{path}' is nested inside a sub-model"
-            if cls in (keras.Sequential, functional_class())
+            if cls in (keras.Sequential, _private.functional_class())
             else f"{cls.__qualname__} is not a plain Functional or Sequential model"
         )
         logger.info("advgraph: graph rewrite not used (%s); wrapping the target's call", why)
@@ -332,7 +337,11 @@ def _install_output(
 def _attach(host: keras.Model, state: _State) -> None:
     setattr_ = object.__setattr__  # not tracked by Keras / tf.Module
     setattr_(host, "_advgraph", state)
-    setattr_(host, "train_step", types.MethodType(_adversarial_train_step, host))
+    state.step = _step_method(state.backend)
+    setattr_(host, "train_step", types.MethodType(state.step, host))
+    attach = getattr(_backend_module(state.backend), "attach", None)
+    if attach is not None:
+        attach(host, state.stats)
     setattr_(host, "fit", _make_fit(host))
     if state.original is not None:
         # Saving / get_config describe the user's model: a saved wrapped model loads
@@ -370,20 +379,21 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
         1
         >>> model = advgraph.unwrap(model)
     """
-    _check_model(model)
+    backend = _check_model(model)
+    module = _backend_module(backend)
     path, layer = find_target(model, target)
-    stats = Stats(model.distribute_strategy)
     original: keras.Model | None = None
     perturbation: Perturbation | None = None
     undo: Callable[[], None] | None = None
-    hook = SiteHook()
+    hook = SiteHook(config.mode, path)
     if config.mode == "matrix":
         _check_matrix_target(model, path, layer)
         _check_not_shared(path, layer)
-        undo = wrap_call(layer, hook, before=True)  # random starts see the ids
+        undo = wrap_call(layer, hook, before=True)  # the ids, then the lookup's output
         host, route = model, "matrix"
     else:
         host, route, original, perturbation, undo = _install_output(model, path, layer, hook)
+    stats = module.make_stats(host)
     state = _State(
         config=config,
         stats=stats,
@@ -394,6 +404,7 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
         original=original,
         perturbation=perturbation,
         undo=undo,
+        backend=backend,
     )
     _attach(host, state)
     logger.info(
@@ -422,6 +433,9 @@ def unwrap(model: keras.Model) -> keras.Model:
         TypeError: ``model`` was not wrapped by advgraph.
     """
     state = _state(model)
+    detach = getattr(_backend_module(state.backend), "detach", None)
+    if detach is not None:
+        detach(model, state.stats)
     for name in _METHOD_ATTRS + _PUBLIC_ATTRS + ("_advgraph",):
         if name in model.__dict__:
             object.__delattr__(model, name)

@@ -27,7 +27,8 @@ import keras
 
 from advgraph._errors import received
 
-from ._site import Perturbation, SiteHook
+from ._hook import Perturbation, SiteHook, is_reverse_call
+from ._private import functional_class, run_through_graph
 
 __all__ = [
     "PERTURBATION_NAME",
@@ -39,13 +40,6 @@ __all__ = [
 ]
 
 PERTURBATION_NAME = "advgraph_perturbation"
-
-
-def functional_class() -> type:
-    """The class ``keras.Model(inputs, outputs)`` instantiates."""
-    from keras.src.models.functional import Functional
-
-    return Functional
 
 
 def _unique_name(model: keras.Model) -> str:
@@ -96,7 +90,7 @@ def rewrite_functional(
         return keras.Input(batch_shape=x.shape, dtype=x.dtype, name=name)
 
     inputs = keras.tree.map_structure(new_input, model.input)
-    outputs = model._run_through_graph(inputs, operation_fn=lambda layer: layer, call_fn=call_fn)
+    outputs = run_through_graph(model, inputs, call_fn)
     if len(calls) != 1:
         raise ValueError(
             "mode='output' needs the target layer to be called exactly once in the model's "
@@ -146,8 +140,11 @@ def wrap_call(layer: keras.layers.Layer, hook: SiteHook, *, before: bool = False
 
     ``before=False``: the output goes through ``hook(output)`` (mode='output').
     ``before=True``: ``hook.before(args, kwargs)`` sees the inputs first (mode='matrix':
-    the token ids, for a random start). The wrapper is an attribute of this layer
-    instance only; ``functools.wraps`` keeps the signature Keras inspects.
+    the token ids, for the row layout and random starts), then ``hook(output)`` the
+    lookup's output (the lookup gradient). The wrapper is an attribute of this layer
+    instance only; ``functools.wraps`` keeps the signature Keras inspects. A
+    ``ReversibleEmbedding``'s ``reverse=True`` call (its tied output head) is passed
+    through untouched: only the lookup is the site.
     """
     had_own = "call" in layer.__dict__
     previous = layer.__dict__.get("call")
@@ -157,13 +154,18 @@ def wrap_call(layer: keras.layers.Layer, hook: SiteHook, *, before: bool = False
 
         @functools.wraps(original)
         def call(*args: Any, **kwargs: Any) -> Any:
+            if is_reverse_call(args, kwargs):  # a tied output head: not the lookup
+                hook.reverse()
+                return original(*args, **kwargs)
             hook.before(args, kwargs)
-            return original(*args, **kwargs)
+            return hook(original(*args, **kwargs))
 
     else:
 
         @functools.wraps(original)
         def call(*args: Any, **kwargs: Any) -> Any:
+            if is_reverse_call(args, kwargs):  # a tied output head: not the lookup
+                return original(*args, **kwargs)
             return hook(original(*args, **kwargs))
 
     call.__advgraph_hook__ = hook  # type: ignore[attr-defined]

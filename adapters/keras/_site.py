@@ -1,4 +1,4 @@
-"""Perturbation sites for Keras 3 (TensorFlow backend), and the step counters.
+"""Perturbation sites for Keras 3 on the TensorFlow backend, and its step counters.
 
 Both sites implement :class:`advgraph._methods.Site`, so the methods of
 ``advgraph._methods`` run on them unchanged. Everything here is graph-safe: it
@@ -47,10 +47,7 @@ Matrix mode:
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Mapping
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import keras
 import tensorflow as tf
@@ -58,9 +55,9 @@ import tensorflow as tf
 from advgraph._delta import DeltaResult
 from advgraph._errors import received
 
-__all__ = ["Stats", "SiteHook", "OutputSite", "MatrixSite", "Perturbation", "add_grads"]
+from ._hook import STAT_KEYS, Perturbation, SiteHook, StatsBase, is_reverse_call
 
-STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")
+__all__ = ["Stats", "SiteHook", "OutputSite", "MatrixSite", "Perturbation", "add_grads"]
 
 
 def _all_reduce_sum(value: Any) -> Any:
@@ -70,14 +67,9 @@ def _all_reduce_sum(value: Any) -> Any:
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
-class Stats(Mapping):
-    """Counters of one wrapped model, read on the host as ``model.advgraph_stats``.
-
-    ``steps``: adversarial deltas computed; ``skipped_nonfinite`` / ``skipped_zero``:
-    steps whose gradient at the site held NaN/inf or was zero (for some sample in
-    output mode), so delta was 0 there. The values live in ``tf.Variable`` s that the
-    train function updates in-graph; reading a key reads the variable (one host
-    transfer per read, none per training step).
+class Stats(StatsBase):
+    """TensorFlow: the counters live in ``tf.Variable`` s that the train function
+    updates in-graph (also under MirroredStrategy, where replicas agree on them).
 
     Example:
         >>> import tensorflow as tf
@@ -100,20 +92,8 @@ class Stats(Mapping):
                 for key in STAT_KEYS
             }
 
-    def __getitem__(self, key: str) -> int:
-        return int(self._vars[key].numpy())
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(STAT_KEYS)
-
-    def __len__(self) -> int:
-        return len(STAT_KEYS)
-
-    def __repr__(self) -> str:
-        return f"advgraph_stats({dict(self)})"
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self)
+    def _values(self) -> list[int]:
+        return [int(self._vars[key].numpy()) for key in STAT_KEYS]
 
     def reset(self) -> None:
         """Set every counter to 0 (host side)."""
@@ -258,46 +238,6 @@ class _KerasSite:
         self.stats.record(result)
 
 
-class SiteHook:
-    """Connects the target layer (perturbation layer or wrapped ``call``) to the site.
-
-    One per wrapped model, shared by every trace; the site of the step being traced
-    is thread-local (MirroredStrategy traces each replica in its own thread).
-    Outside an adversarial step it does nothing: the output is returned unchanged,
-    the same object, so predict/evaluate see the original model bit for bit.
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def active_site(self) -> Any:
-        return getattr(self._local, "site", None)
-
-    @contextmanager
-    def activate(self, site: Any) -> Iterator[None]:
-        previous = self.active_site()
-        self._local.site = site
-        try:
-            yield
-        finally:
-            self._local.site = previous
-
-    def __call__(self, x: Any) -> Any:
-        """After the target: its output (mode='output')."""
-        site = self.active_site()
-        if site is None or not site.in_pass():
-            return x
-        return site.on_output(x)
-
-    def before(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Before the target: its inputs (mode='matrix': the token ids)."""
-        site = self.active_site()
-        if site is None or not site.in_pass():
-            return
-        inputs = args[0] if args else kwargs.get("inputs")
-        site.before_lookup(inputs)
-
-
 class OutputSite(_KerasSite):
     """delta on the target layer's output, shape ``(b, n, d)`` (one per sample)."""
 
@@ -380,6 +320,8 @@ class MatrixSite(_KerasSite):
         self._saved: Any = None  # rows (or matrix) saved before the installed delta
         self._saved_ids: Any = None
         self._pending: Callable[[Any], Any] | None = None
+        self._lookups: list[tuple[Any, Any]] = []
+        self._next_ids: Any = None
 
     @property
     def keras_variable(self) -> Any:
@@ -392,11 +334,25 @@ class MatrixSite(_KerasSite):
         return self.keras_variable.value
 
     def _begin_pass(self, tape: tf.GradientTape) -> None:
-        if self.layer.built:  # else it is created (and watched) by this forward
-            tape.watch(self.variable)  # also when the embedding is frozen
+        self._lookups = []  # (ids, output) of each lookup in this pass
+        self._next_ids = None
+
+    def on_output(self, x: Any) -> Any:
+        """The lookup's output (unchanged): its gradient is the lookup gradient."""
+        if self._next_ids is not None and tf.is_tensor(x) and x.dtype.is_floating:
+            self._tape.watch(x)  # also when the embedding is frozen
+            self._lookups.append((self._next_ids, x))
+        self._next_ids = None
+        return x
 
     def _sources(self) -> list[Any]:
-        return [self.keras_variable]
+        if not self._lookups:
+            raise ValueError(
+                "The forward of the training step did not run the target layer, so there is "
+                "no perturbation site. Train the model returned by advgraph.wrap(). "
+                f"{received(target_calls=0)}"
+            )
+        return [out for _, out in self._lookups]
 
     # -- the row layout -------------------------------------------------------------
     def _layout(self, ids: Any) -> tuple[Any, Any, Any]:
@@ -421,20 +377,28 @@ class MatrixSite(_KerasSite):
         return ids, seg, num
 
     def _take_grad(self, grads: list[Any]) -> None:
-        grad = grads[0]
-        var = self.variable
-        if grad is None:  # the loss does not depend on the matrix: delta = 0
-            grad = tf.zeros(var.shape, var.dtype)
-        # Every replica must write the same delta into its copy of the matrix.
-        grad = _all_reduce_sum(grad)
-        if isinstance(grad, tf.IndexedSlices):
-            self._ids, self._seg, num = self._layout(grad.indices)
-            self._dense = False
-            self._grad = tf.math.unsorted_segment_sum(grad.values, self._seg, num_segments=num)
-        else:  # the matrix is used outside a lookup too: delta on the whole matrix
-            self._ids = self._seg = None
-            self._dense = True
-            self._grad = tf.convert_to_tensor(grad)
+        """The lookup gradient of the touched rows (a tied head's gradient is not in it).
+
+        The gradient at each lookup's output, per position, summed per id: what the
+        lookup contributes to the matrix's gradient (its IndexedSlices).
+        """
+        dim = self.variable.shape[-1]
+        ids, values = [], []
+        for (call_ids, out), grad in zip(self._lookups, grads):
+            if grad is None:  # the loss does not depend on the lookup: delta = 0
+                grad = tf.zeros_like(out)
+            ids.append(tf.reshape(call_ids, [-1]))
+            values.append(tf.reshape(tf.convert_to_tensor(grad), [-1, dim]))
+        ids = ids[0] if len(ids) == 1 else tf.concat(ids, axis=0)
+        values = values[0] if len(values) == 1 else tf.concat(values, axis=0)
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            # Every replica must write the same delta: the rows of the global batch.
+            ids = ctx.all_gather(ids, axis=0)
+            values = ctx.all_gather(values, axis=0)
+        self._ids, self._seg, num = self._layout(ids)
+        self._dense = False
+        self._grad = tf.math.unsorted_segment_sum(values, self._seg, num_segments=num)
 
     # -- installing delta -------------------------------------------------------------
     def _same_on_all_replicas(self, delta: Any) -> Any:
@@ -471,8 +435,11 @@ class MatrixSite(_KerasSite):
         var.scatter_update(tf.IndexedSlices(rows, self._ids))
 
     def before_lookup(self, inputs: Any) -> None:
-        """Before the embedding's lookup: materialise a delta given as a function."""
-        if self._pending is None or not tf.is_tensor(inputs) or not inputs.dtype.is_integer:
+        """Before the embedding's lookup: its ids; materialise a delta given as a function."""
+        if not tf.is_tensor(inputs) or not inputs.dtype.is_integer:
+            return
+        self._next_ids = inputs
+        if self._pending is None:
             return
         fn, self._pending = self._pending, None
         ids = tf.reshape(inputs, [-1])
@@ -500,36 +467,3 @@ class MatrixSite(_KerasSite):
     def clear(self) -> None:
         self._pending = None
         self._restore()
-
-
-@keras.saving.register_keras_serializable(package="advgraph")
-class Perturbation(keras.layers.Layer):
-    """The layer the graph rewrite inserts right after the embedding's output.
-
-    Identity (it returns its input, the same tensor) except inside an adversarial
-    training step, where it adds the current delta. It has no weights.
-
-    Example:
-        >>> import numpy as np
-        >>> from advgraph.adapters.keras import Perturbation
-        >>> x = np.ones((1, 2, 3), "float32")
-        >>> bool((np.asarray(Perturbation()(x)) == x).all())
-        True
-    """
-
-    def __init__(self, hook: SiteHook | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self._advgraph_hook = hook
-
-    def call(self, inputs: Any) -> Any:
-        hook = self._advgraph_hook
-        if hook is None:
-            return inputs
-        return hook(inputs)
-
-    def compute_output_shape(self, input_shape: Any) -> Any:
-        return input_shape
-
-    def get_config(self) -> dict[str, Any]:
-        return super().get_config()

@@ -24,13 +24,18 @@ from advgraph._errors import received
 __all__ = ["add_arguments", "settings_from_args", "run"]
 
 FRAMEWORKS = ("torch", "keras")
+KERAS_BACKENDS = ("tensorflow", "jax", "torch")
 _PIP_NAME = {"torch": "torch", "keras": "tensorflow-cpu"}
+_BACKEND_PIP = {"tensorflow": "tensorflow-cpu", "jax": "jax", "torch": "torch"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` sub-command's options."""
     d = DemoSettings()
     parser.add_argument("--framework", default="torch", metavar="{torch,keras}", help="torch or keras (default: torch)")
+    parser.add_argument("--backend", default=None, metavar="{tensorflow,jax,torch}",
+                        help="the Keras backend with --framework keras (default: KERAS_BACKEND, "
+                             "else tensorflow)")
     parser.add_argument("--mode", default="output", metavar="{output,matrix}",
                         help="where delta goes during training: output (the embedding's output, one "
                              "delta per sample) or matrix (the embedding rows the batch touched). "
@@ -98,6 +103,15 @@ def _parse_methods(text: str) -> tuple[str, ...]:
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     """Validate the parsed options. Raises ValueError: expected..., Received: ..."""
     framework = _parse_choice("framework", args.framework, FRAMEWORKS)
+    backend_arg = getattr(args, "backend", None)
+    if backend_arg is not None and framework != "keras":
+        raise ValueError(
+            "--backend chooses the Keras backend: it needs --framework keras. "
+            f"{received(framework=framework, backend=backend_arg)}"
+        )
+    backend = _parse_choice(
+        "backend", backend_arg or os.environ.get("KERAS_BACKEND") or "tensorflow", KERAS_BACKENDS
+    )
     mode = _parse_choice("mode", args.mode, ("output", "matrix"))
     methods = _parse_methods(args.methods)
     epsilon = (
@@ -114,6 +128,7 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
             )
     return DemoSettings(
         framework=framework,
+        backend=backend,
         mode=mode,
         methods=methods,
         epsilon=float(epsilon),
@@ -131,16 +146,33 @@ def _require(module: str, install: str, what: str) -> None:
         raise DemoError(f"{what} needs the `{module}` package, which is not installed. Install it with: {install}")
 
 
+def _label(settings: DemoSettings) -> str:
+    if settings.framework == "keras":
+        return f"keras ({settings.backend})"
+    return settings.framework
+
+
 def check_environment(settings: DemoSettings) -> None:
     """Fail before any training when a needed package is missing."""
     _require("tqdm", "pip install 'advgraph[demo]'", "advgraph demo")
     if settings.plot is not None:
         _require("matplotlib", "pip install 'advgraph[demo]'", "--plot")
     framework = settings.framework
-    module = "torch" if framework == "torch" else "tensorflow"
-    _require(module, f"pip install 'advgraph[{_PIP_NAME[framework]}]'", f"--framework {framework}")
-    if framework == "keras":
-        _require("keras", "pip install 'advgraph[tensorflow-cpu]'", "--framework keras")
+    if framework == "torch":
+        _require("torch", "pip install 'advgraph[torch]'", "--framework torch")
+        return
+    backend = settings.backend
+    extra = _BACKEND_PIP[backend]
+    _require(backend, f"pip install 'advgraph[{extra}]'", f"--framework keras --backend {backend}")
+    _require("keras", f"pip install 'advgraph[{extra}]'", "--framework keras")
+    keras = sys.modules.get("keras")
+    if keras is not None and keras.backend.backend() != backend:
+        raise DemoError(
+            f"--backend {backend}: Keras is already running on the {keras.backend.backend()} "
+            "backend in this process (the backend is fixed when keras is imported). "
+            f"Run the demo in a new process. {received(backend=backend)}"
+        )
+    os.environ["KERAS_BACKEND"] = backend  # read when keras is first imported
 
 
 def run(settings: DemoSettings, out: object = sys.stdout) -> int:
@@ -162,7 +194,7 @@ def run(settings: DemoSettings, out: object = sys.stdout) -> int:
         print(text, file=out, flush=True)  # type: ignore[call-overload]
 
     say(
-        f"advgraph demo: {settings.framework}, mode={settings.mode}, epsilon={settings.epsilon:g}, "
+        f"advgraph demo: {_label(settings)}, mode={settings.mode}, epsilon={settings.epsilon:g}, "
         f"{settings.seeds} seed(s) x {settings.epochs} epoch(s) per method"
     )
     say(
@@ -179,7 +211,7 @@ def run(settings: DemoSettings, out: object = sys.stdout) -> int:
     say(report.format_summary(rows, settings))
     say(f"\ntraining and evaluation took {time.perf_counter() - start:.0f} s")
     if settings.plot:
-        title = f"advgraph demo: {settings.framework}, mode={settings.mode}, {dataset.name}"
+        title = f"advgraph demo: {_label(settings)}, mode={settings.mode}, {dataset.name}"
         report.save_plot(settings.plot, rows, settings, title)
         say(f"plot written to {settings.plot}")
     return 0

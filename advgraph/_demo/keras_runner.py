@@ -1,4 +1,4 @@
-"""Keras 3 (TensorFlow backend) side of ``advgraph demo``: the model and one training run.
+"""Keras 3 side of ``advgraph demo`` (any backend: TensorFlow, JAX, torch).
 
 Thin on purpose: the same model as ``torch_runner``, trained with
 ``model.compile(...)``, ``model = advgraph.wrap(model, ...)``, ``model.fit(...)``.
@@ -16,7 +16,6 @@ from typing import Any, Callable  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import advgraph  # noqa: E402
 from advgraph._demo.data import PAD, Encoded  # noqa: E402
@@ -28,7 +27,9 @@ __all__ = ["Trainer", "build_models", "check_methods", "configure"]
 def configure() -> None:
     """One TensorFlow thread unless OMP_NUM_THREADS says otherwise: the model is tiny,
     and on a busy machine extra threads only wait for each other."""
-    if "OMP_NUM_THREADS" not in os.environ:
+    if "OMP_NUM_THREADS" not in os.environ and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
         try:
             tf.config.threading.set_intra_op_parallelism_threads(1)
             tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -139,21 +140,37 @@ class Trainer:
         )
         return float(history.history["loss"][-1])
 
-    def embed(self, x: np.ndarray) -> tf.Tensor:
-        return self.embedding(tf.constant(x))
+    def embed(self, x: np.ndarray) -> Any:
+        return self.embedding(keras.ops.convert_to_tensor(x))
 
-    def loss_grad(self, embedded: tf.Tensor, x: np.ndarray, y: np.ndarray, delta: tf.Tensor) -> tf.Tensor:
+    def _loss(self, embedded: Any, x: np.ndarray, y: np.ndarray) -> Any:
+        logits = self.from_embedded([embedded, keras.ops.convert_to_tensor(x)], training=False)
+        return keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(keras.ops.convert_to_tensor(y), logits, from_logits=True)
+        )
+
+    def loss_grad(self, embedded: Any, x: np.ndarray, y: np.ndarray, delta: Any) -> Any:
+        """d loss / d delta at ``embedded + delta``, with the backend's own autodiff."""
+        backend = keras.backend.backend()
+        if backend == "jax":
+            import jax
+
+            return jax.grad(lambda d: self._loss(embedded + d, x, y))(delta)
+        if backend == "torch":
+            import torch
+
+            d = delta.detach().requires_grad_(True)
+            return torch.autograd.grad(self._loss(embedded.detach() + d, x, y), d)[0]
+        import tensorflow as tf
+
         with tf.GradientTape() as tape:
             tape.watch(delta)
-            logits = self.from_embedded([embedded + delta, tf.constant(x)], training=False)
-            loss = tf.reduce_mean(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.constant(y), logits=logits)
-            )
+            loss = self._loss(embedded + delta, x, y)
         return tape.gradient(loss, delta)
 
-    def predict(self, embedded: tf.Tensor, x: np.ndarray) -> np.ndarray:
-        logits = self.from_embedded([embedded, tf.constant(x)], training=False)
-        return np.asarray(tf.argmax(logits, axis=-1))
+    def predict(self, embedded: Any, x: np.ndarray) -> np.ndarray:
+        logits = self.from_embedded([embedded, keras.ops.convert_to_tensor(x)], training=False)
+        return np.asarray(keras.ops.convert_to_numpy(keras.ops.argmax(logits, axis=-1)))
 
     def close(self) -> None:
         if self.trained is not self.model:

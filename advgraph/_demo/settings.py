@@ -52,6 +52,7 @@ class DemoSettings:
     """
 
     framework: str = "torch"
+    backend: str = "tensorflow"  # the Keras backend (framework="keras"): tensorflow, jax, torch
     mode: str = "output"
     methods: tuple[str, ...] = DEMO_METHODS
     epsilon: float = DEFAULT_EPSILON["output"]

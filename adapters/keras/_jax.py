@@ -1,0 +1,465 @@
+"""The adversarial ``train_step`` on the JAX backend: functional, inside ``jax.jit``.
+
+Keras' JAX trainer calls ``train_step(state, data)`` with the values of every
+variable and expects the new values back. The adversarial step keeps that
+contract: every pass of the method is a ``jax.value_and_grad`` of a function of
+the trainable values and of ``z``, a zero added to the target's output (its
+gradient is the gradient at the site). Perturbed values go INTO the stateless
+call (mode='output': ``output + delta`` at the target; mode='matrix': the
+embedding matrix with delta added to the looked-up rows, assigned inside the
+call's ``StatelessScope``, so a tied head sees it too). Nothing is written to a
+stored variable, so nothing is restored: after the step the trainable values are
+exactly what ``optimizer.stateless_apply`` makes of the summed gradients.
+
+Matrix mode takes the *lookup* gradient (the gradient at the lookup's output,
+summed per token), never the gradient of a tied head. Row layout: the ids of the
+batch (N positions) give N row slots, the distinct ids in ascending order first
+and zero rows after (``jax.jit`` needs static shapes; zero rows change neither
+an l2 norm nor a sign, only a random start also draws noise for them, which is
+never added to the matrix).
+
+The step counters (``advgraph_stats``) and the random key live in the variables
+of a metric tracked by the model (``_Counters``: its ``result()`` is empty and
+``reset_state()`` does nothing, so logs and epochs do not see it), so they flow
+through the jitted step with the rest of the state, also under
+``keras.distribution``. They are read back when Keras syncs the state (at the
+end of each epoch of ``fit``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import keras
+
+from advgraph._delta import DeltaResult
+from advgraph._errors import received
+from advgraph._methods import run_method
+from advgraph._ops import jax_keys
+
+from . import _private
+from ._hook import StatsBase
+
+__all__ = ["Stats", "JaxSite", "make_stats", "train_step", "attach", "detach"]
+
+
+class _Counters(keras.metrics.Metric):
+    """steps / skipped counters and the random key, as metric variables."""
+
+    def __init__(self, seed: int, name: str = "advgraph_counters") -> None:
+        super().__init__(name=name)
+        key = [0, seed & 0xFFFFFFFF]
+        self.counts = self.add_variable(
+            shape=(3,), initializer="zeros", dtype="int32", name="counts"
+        )
+        self.key = self.add_variable(
+            shape=(2,),
+            initializer=lambda shape, dtype: jnp.asarray(key, dtype="uint32"),
+            dtype="uint32",
+            name="key",
+        )
+
+    def update_state(self, *args: Any, **kwargs: Any) -> None:
+        """Updated by the adversarial step only."""
+
+    def result(self) -> dict[str, Any]:
+        return {}  # nothing in the logs
+
+    def reset_state(self) -> None:
+        """Counters persist across epochs and evaluations (``Stats.reset`` zeroes them)."""
+
+
+class Stats(StatsBase):
+    """JAX: the counters are metric variables that the jitted step carries.
+
+    Example:
+        >>> from advgraph.adapters.keras._jax import Stats
+        >>> dict(Stats())
+        {'steps': 0, 'skipped_nonfinite': 0, 'skipped_zero': 0}
+    """
+
+    def __init__(self) -> None:
+        self.counters = _Counters(random.randint(0, 2**31 - 1))
+
+    def _values(self) -> list[int]:
+        return [int(v) for v in keras.ops.convert_to_numpy(self.counters.counts.value)]
+
+    def reset(self) -> None:
+        """Set every counter to 0 (host side)."""
+        self.counters.counts.assign(jnp.zeros((3,), "int32"))
+
+
+def make_stats(model: keras.Model) -> Stats:
+    """Counters (and the random key) for the JAX step; see :func:`attach`."""
+    return Stats()
+
+
+def attach(model: keras.Model, stats: Stats) -> None:
+    """Track the counters on the model, so they travel in the jitted step's state."""
+    _private.tracked_metrics(model).append(stats.counters)
+
+
+def detach(model: keras.Model, stats: Stats) -> None:
+    metrics = _private.tracked_metrics(model)
+    for i, metric in enumerate(metrics):
+        if metric is stats.counters:
+            del metrics[i]
+            break
+
+
+def _check_loss(loss: Any) -> Any:
+    if not hasattr(loss, "shape") or not hasattr(loss, "dtype"):
+        raise TypeError(
+            "The training step's loss must be a scalar array. "
+            f"{received(loss_type=type(loss).__name__)}"
+        )
+    if tuple(loss.shape) != ():
+        raise ValueError(
+            "The training step's loss must be a scalar (compute_loss reduces it). "
+            f"{received(loss_shape=tuple(loss.shape))}"
+        )
+    return loss
+
+
+def _layout(ids: Any) -> tuple[Any, Any, Any]:
+    """``(uids, seg, valid)`` for flat ``ids`` of N positions (static shapes).
+
+    ``uids[r]``: the id of row slot r (distinct ids ascending, then 0); ``seg[i]``:
+    the row slot of position i; ``valid[r]``: whether slot r holds an id.
+    """
+    count = ids.shape[0]
+    order = jnp.argsort(ids, stable=True)
+    ordered = ids[order]
+    first = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]])
+    rank = jnp.cumsum(first.astype(jnp.int32)) - 1
+    seg = jnp.zeros((count,), jnp.int32).at[order].set(rank)
+    uids = jnp.zeros((count,), ids.dtype).at[rank].set(ordered)
+    valid = jnp.arange(count) <= rank[-1]
+    return uids, seg, valid
+
+
+class JaxSite:
+    """A :class:`advgraph._methods.Site` for one trace of the JAX ``train_step``.
+
+    A new site call is one method here: run the closure inside
+    :meth:`_run_pass` (which makes the trainable values and ``z`` the inputs of
+    the function differentiated) and read what it needs from the pass record.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        layer: keras.layers.Layer,
+        mode: str,
+        trainable: list[Any],
+        non_trainable: list[Any],
+        optimizer_values: list[Any],
+        key: Any,
+        probe: Callable[[], Any],
+    ) -> None:
+        self.model = model
+        self.layer = layer
+        self.mode = mode
+        self.trainable = list(trainable)
+        self.non_trainable = list(non_trainable)
+        self.optimizer_values = optimizer_values
+        self.key = key
+        self.counts = jnp.zeros((3,), jnp.int32)
+        self.param_grads: list[Any] | None = None
+        self.records: list[dict[str, Any]] = []  # what each pass's closure reported
+        self.delta: Any = None
+        self._grad: Any = None
+        self._layout: tuple[Any, Any, Any] | None = None
+        self._pass: dict[str, Any] | None = None  # scratch of the pass being traced
+        self._probe = probe
+        self._spec: Any = None
+        self._frozen = [
+            i for i, v in enumerate(model.non_trainable_variables) if v is _embeddings(layer)
+        ]
+
+    # -- what the closure and the hook see ---------------------------------------
+    def in_pass(self) -> bool:
+        return self._pass is not None
+
+    def values(self) -> tuple[list[Any], list[Any]]:
+        """The trainable and non-trainable values the closure's forward uses."""
+        assert self._pass is not None
+        return self._pass["trainable"], self.non_trainable
+
+    def report(self, **values: Any) -> None:
+        """The closure hands back what the step needs (predictions, new states)."""
+        assert self._pass is not None
+        self._pass["report"].update(values)
+
+    def next_key(self) -> Any:
+        self.key, sub = jax.random.split(self.key)
+        return sub
+
+    def on_output(self, x: Any) -> Any:
+        scratch = self._pass
+        assert scratch is not None
+        if scratch.get("probe"):
+            scratch["spec"] = x
+            return x
+        if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(
+                "The target must return one floating-point array (an embedding's vectors). "
+                f"{received(output=type(x).__name__ if not hasattr(x, 'dtype') else str(x.dtype))}"
+            )
+        scratch["calls"] += 1
+        if scratch["calls"] > 1:
+            raise ValueError(
+                "The target layer ran more than once in one forward; this backend needs one "
+                "call per forward (target a layer called once). "
+                f"{received(target_calls=scratch['calls'])}"
+            )
+        x = x + scratch["z"].astype(x.dtype)
+        if self.mode == "output":
+            if callable(self.delta):  # a random start: shaped like the output
+                self.delta = self.delta(jnp.zeros(x.shape, self._widened(x.dtype)))
+            if self.delta is not None:
+                x = x + self.delta.astype(x.dtype)
+        return x
+
+    def before_lookup(self, inputs: Any) -> None:
+        scratch = self._pass
+        assert scratch is not None
+        if scratch.get("probe") or self.mode != "matrix":
+            return
+        if not hasattr(inputs, "dtype") or not jnp.issubdtype(inputs.dtype, jnp.integer):
+            return
+        if self._layout is None:
+            self._layout = _layout(jnp.reshape(inputs, (-1,)))
+        uids, _, valid = self._layout
+        var = _embeddings(self.layer)
+        matrix = var.value
+        if callable(self.delta):
+            like = jnp.zeros((uids.shape[0], matrix.shape[1]), self._widened(matrix.dtype))
+            self.delta = self.delta(like)
+        if self.delta is not None:
+            rows = jnp.where(valid[:, None], self.delta, 0).astype(matrix.dtype)
+            var.assign(matrix.at[uids].add(rows))  # in the call's StatelessScope only
+
+    @staticmethod
+    def _widened(dtype: Any) -> Any:
+        return jnp.float32 if dtype in (jnp.float16, jnp.bfloat16) else dtype
+
+    # -- one pass --------------------------------------------------------------------
+    def _spec_of_output(self) -> Any:
+        if self._spec is None:
+            self._pass = {"probe": True, "trainable": self.trainable, "report": {}}
+            try:
+                self._probe()
+            finally:
+                spec = self._pass.get("spec")
+                self._pass = None
+            if spec is None:
+                raise ValueError(
+                    "The forward of the training step did not run the target layer, so there "
+                    "is no perturbation site. Train the model returned by advgraph.wrap(). "
+                    f"{received(target_calls=0)}"
+                )
+            self._spec = jax.ShapeDtypeStruct(spec.shape, spec.dtype)
+        return self._spec
+
+    def _run_pass(
+        self, closure: Callable[[], Any], trainable: list[Any], z: Any, scale: float, allow_none: bool
+    ) -> tuple[Any, tuple[Any, dict[str, Any]]]:
+        self._pass = {"trainable": trainable, "z": z, "calls": 0, "report": {}}
+        try:
+            out = closure()
+            calls = self._pass["calls"]
+            report = self._pass["report"]
+        finally:
+            self._pass = None
+        if calls == 0:
+            raise ValueError(
+                "The forward of the training step did not run the target layer, so there is "
+                "no perturbation site. Train the model returned by advgraph.wrap(). "
+                f"{received(target_calls=0)}"
+            )
+        if out is None:
+            if not allow_none:
+                raise TypeError(
+                    "The training step's loss must be a scalar array. "
+                    f"{received(loss_type='NoneType')}"
+                )
+            return jnp.zeros((), jnp.float32), (None, report)
+        loss = _check_loss(out)
+        target = loss if scale == 1.0 else loss * jnp.asarray(scale, loss.dtype)
+        optimizer = self.model.optimizer
+        mapping = list(zip(optimizer.variables, self.optimizer_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            target = optimizer.scale_loss(target)
+        return target, (loss, report)
+
+    # -- Site interface ------------------------------------------------------------
+    def forward_backward(
+        self,
+        closure: Callable[[], Any],
+        *,
+        param_grads: bool,
+        scale: float = 1.0,
+        allow_none: bool = False,
+        keep_grad: bool = True,
+    ) -> Any:
+        spec = self._spec_of_output()
+        z = jnp.zeros(spec.shape, spec.dtype)
+
+        def f(trainable: list[Any], z: Any) -> Any:
+            return self._run_pass(closure, trainable, z, scale, allow_none)
+
+        argnums = tuple(i for i, on in ((0, param_grads), (1, keep_grad)) if on)
+        if argnums:
+            (_, (loss, report)), grads = jax.value_and_grad(f, argnums=argnums, has_aux=True)(
+                self.trainable, z
+            )
+            grads = dict(zip(argnums, grads))
+        else:
+            _, (loss, report) = f(self.trainable, z)
+            grads = {}
+        self._absorb(report)
+        if loss is None:
+            return None
+        if keep_grad:
+            self._grad = self._to_site(grads[1])
+        if param_grads:
+            new = grads[0]
+            if self.param_grads is None:
+                self.param_grads = list(new)
+            else:
+                self.param_grads = [a + b for a, b in zip(self.param_grads, new)]
+        return jax.lax.stop_gradient(loss)
+
+    def _absorb(self, report: dict[str, Any]) -> None:
+        """Keep a pass's outputs: its non-trainable updates chain into the next pass."""
+        non_trainable = report.get("non_trainable")
+        if non_trainable is not None:
+            non_trainable = list(non_trainable)
+            for i in self._frozen:  # a frozen matrix: its perturbed value is not a state
+                non_trainable[i] = self.non_trainable[i]
+            self.non_trainable = non_trainable
+        self.records.append(report)
+
+    def _to_site(self, grad_z: Any) -> Any:
+        if self.mode == "output":
+            return grad_z
+        assert self._layout is not None
+        _, seg, _ = self._layout
+        flat = jnp.reshape(grad_z, (-1, grad_z.shape[-1]))
+        return jax.ops.segment_sum(flat, seg, num_segments=flat.shape[0])
+
+    def site_grad(self) -> Any:
+        if self._grad is None:
+            raise RuntimeError(
+                "No gradient at the perturbation site: no forward_backward() with "
+                f"keep_grad=True since it was last read. {received(recorded_gradients=0)}"
+            )
+        grad, self._grad = self._grad, None
+        return grad
+
+    def set_delta(self, delta: Any) -> None:
+        self.delta = delta
+
+    def clear(self) -> None:
+        self.delta = None  # functional: no stored value was changed
+
+    def record(self, result: DeltaResult) -> None:
+        flags = jnp.stack([jnp.any(result.nonfinite), jnp.any(result.zero)]).astype(jnp.int32)
+        self.counts = self.counts + jnp.concatenate([jnp.ones((1,), jnp.int32), flags])
+
+
+def _embeddings(layer: keras.layers.Layer) -> Any:
+    return getattr(layer, "embeddings", None)
+
+
+def _metric_update(
+    model: keras.Model, metrics_values: list[Any], loss: Any, x: Any, y: Any, y_pred: Any, sw: Any
+) -> tuple[dict[str, Any], list[Any]]:
+    """The loss tracker and compiled metrics on the clean pass, statelessly."""
+    mapping = list(zip(model.metrics_variables, metrics_values))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        first = next(t for t in keras.tree.flatten(x) if t is not None)
+        _private.loss_tracker(model).update_state(loss, sample_weight=first.shape[0])
+        if y is None:
+            logs = model.get_metrics_result()
+        else:
+            logs = model.compute_metrics(x, y, y_pred, sample_weight=sw)
+    new = []
+    for ref, value in zip(model.metrics_variables, metrics_values):
+        current = scope.get_current_value(ref)
+        new.append(value if current is None else current)
+    return logs, new
+
+
+def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any, Any]:
+    """The wrapped model's JAX ``train_step(state, data) -> (logs, state)``.
+
+    Metrics see the clean pass (FreeLB: its first pass; VAT on an unlabeled batch:
+    the VAT loss); non-trainable states (BatchNormalization statistics, dropout
+    seeds) advance in every pass, as each forward on the other backends updates them.
+    """
+    trainable, non_trainable, optimizer_values, metrics_values = state
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    config = adv.config
+    vat = config.method == "vat"
+    counters = adv.stats.counters
+    slots = {id(v): i for i, v in enumerate(self.metrics_variables)}
+    counts_slot, key_slot = slots[id(counters.counts)], slots[id(counters.key)]
+    kwargs = {"training": True} if _private.call_has_training_arg(self) else {}
+    site: JaxSite
+
+    def probe() -> Any:
+        spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+        fn = lambda t, n, xx: self.stateless_call(t, n, xx, **kwargs)  # noqa: E731
+        return jax.eval_shape(
+            fn,
+            jax.tree.map(spec, site.trainable),
+            jax.tree.map(spec, site.non_trainable),
+            jax.tree.map(spec, x),
+        )
+
+    site = JaxSite(
+        self,
+        adv.target,
+        config.mode,
+        trainable,
+        non_trainable,
+        optimizer_values,
+        jax.random.wrap_key_data(metrics_values[key_slot]),
+        probe,
+    )
+
+    def closure() -> Any:
+        t, n = site.values()
+        if vat and y is None:  # unlabeled batch: VAT needs the logits only
+            y_pred, n = self.stateless_call(t, n, x, **kwargs)
+            site.report(y_pred=y_pred, non_trainable=n)
+            return y_pred
+        _, (loss, y_pred, n, m) = self.compute_loss_and_updates(
+            t, n, metrics_values, x, y, sample_weight, training=True,
+            optimizer_variables=optimizer_values,
+        )
+        site.report(y_pred=y_pred, non_trainable=n, metrics=m)
+        return (loss, y_pred) if vat else loss
+
+    with adv.hook.activate(site), jax_keys(site.next_key):
+        loss = run_method(site, closure, config)
+
+    first = site.records[0]
+    grads = site.param_grads
+    if grads is None:
+        grads = [jnp.zeros_like(t) for t in trainable]
+    grads = [jnp.zeros_like(t) if g is None else g for g, t in zip(grads, trainable)]
+    new_trainable, new_optimizer = self.optimizer.stateless_apply(
+        optimizer_values, grads, trainable
+    )
+    logs, new_metrics = _metric_update(
+        self, first.get("metrics", metrics_values), loss, x, y, first["y_pred"], sample_weight
+    )
+    new_metrics[counts_slot] = metrics_values[counts_slot] + site.counts
+    new_metrics[key_slot] = jax.random.key_data(site.key)
+    return logs, (new_trainable, site.non_trainable, new_optimizer, new_metrics)

@@ -1,0 +1,290 @@
+"""The adversarial ``train_step`` on the PyTorch backend (eager, as Keras runs it).
+
+Every pass: the closure's forward, then ``torch.autograd.grad`` of the (scaled)
+loss w.r.t. the target's output (the site) and, when asked, the trainable
+parameters; the parameter gradients of the passes are summed and ONE
+``optimizer.apply`` runs, as in Keras' torch ``train_step``.
+
+mode='output': delta is added to the target's output in the forward.
+mode='matrix': delta is added in place to the looked-up rows of the ``embeddings``
+Parameter (same object) before the lookup, and the saved rows are copied back
+afterwards (bit-exact, also when a pass raises). The gradient is the *lookup*
+gradient: the gradient at the lookup's output summed per token, never a tied
+head's. Rows: the distinct ids of the batch in ascending order (``torch.unique``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import keras
+import torch
+
+from advgraph._delta import DeltaResult
+from advgraph._errors import received
+from advgraph._methods import run_method
+
+from . import _private
+from ._hook import StatsBase
+
+__all__ = ["Stats", "TorchSite", "make_stats", "train_step"]
+
+
+class Stats(StatsBase):
+    """PyTorch: the counters are one int64 tensor, updated without a host sync.
+
+    Example:
+        >>> from advgraph.adapters.keras._torch import Stats
+        >>> dict(Stats())
+        {'steps': 0, 'skipped_nonfinite': 0, 'skipped_zero': 0}
+    """
+
+    def __init__(self) -> None:
+        self.counts = torch.zeros(3, dtype=torch.int64)
+
+    def _values(self) -> list[int]:
+        return [int(v) for v in self.counts.tolist()]
+
+    def reset(self) -> None:
+        """Set every counter to 0."""
+        self.counts.zero_()
+
+    def record(self, result: DeltaResult) -> None:
+        flags = torch.stack([torch.as_tensor(result.nonfinite).any(), torch.as_tensor(result.zero).any()])
+        add = torch.cat([torch.ones(1, dtype=torch.int64, device=flags.device), flags.long()])
+        self.counts += add.to(self.counts.device)
+
+
+def make_stats(model: keras.Model) -> Stats:
+    return Stats()
+
+
+def _check_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            "The training step's loss must be a scalar tensor. "
+            f"{received(loss_type=type(loss).__name__)}"
+        )
+    if loss.dim() != 0:
+        raise ValueError(
+            "The training step's loss must be a scalar (compute_loss reduces it). "
+            f"{received(loss_shape=tuple(loss.shape))}"
+        )
+    return loss
+
+
+class TorchSite:
+    """A :class:`advgraph._methods.Site` for one PyTorch ``train_step``.
+
+    A new site call is one method here: run the closure between
+    :meth:`_begin_pass` and :meth:`_end_pass` and differentiate what it needs.
+    """
+
+    def __init__(self, model: keras.Model, stats: Stats, layer: keras.layers.Layer, mode: str) -> None:
+        self.model = model
+        self.stats = stats
+        self.layer = layer
+        self.mode = mode
+        self.variables = list(model.trainable_variables)
+        self.param_grads: list[Any] | None = None
+        self.delta: Any = None
+        self._grad: Any = None
+        self._pass: list[Any] | None = None  # target outputs captured in this pass
+        self._rows: tuple[Any, Any] | None = None  # matrix: (uids, seg)
+        self._saved: Any = None  # matrix: rows saved before the installed delta
+
+    # -- the hook ----------------------------------------------------------------------
+    def in_pass(self) -> bool:
+        return self._pass is not None
+
+    def on_output(self, x: Any) -> Any:
+        assert self._pass is not None
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(
+                "The target must return one floating-point tensor (an embedding's vectors). "
+                f"{received(output=type(x).__name__ if not isinstance(x, torch.Tensor) else str(x.dtype))}"
+            )
+        if self._pass:
+            raise ValueError(
+                "The target layer ran more than once in one forward; this backend needs one "
+                f"call per forward (target a layer called once). {received(target_calls=len(self._pass) + 1)}"
+            )
+        if not x.requires_grad:  # a frozen embedding: still differentiate at its output
+            x = x.detach().requires_grad_(True)
+        self._pass.append(x)
+        if self.mode == "output":
+            if callable(self.delta):
+                self.delta = self.delta(torch.zeros_like(x, dtype=self._widened(x.dtype)))
+            if self.delta is not None:
+                x = x + self.delta.to(x.dtype)
+        return x
+
+    def before_lookup(self, inputs: Any) -> None:
+        if self.mode != "matrix" or not isinstance(inputs, torch.Tensor):
+            return
+        if inputs.is_floating_point() or inputs.is_complex():
+            return
+        if self._rows is None:
+            uids, seg = torch.unique(inputs.reshape(-1), sorted=True, return_inverse=True)
+            self._rows = (uids, seg)
+        if callable(self.delta):
+            matrix = self._matrix()
+            like = torch.zeros(
+                (self._rows[0].shape[0], matrix.shape[1]),
+                dtype=self._widened(matrix.dtype),
+                device=matrix.device,
+            )
+            self._install(self.delta(like))
+
+    @staticmethod
+    def _widened(dtype: Any) -> Any:
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    # -- matrix edits ------------------------------------------------------------------
+    def _matrix(self) -> torch.Tensor:
+        return self.layer.embeddings.value
+
+    def _restore(self) -> None:
+        if self._saved is not None:
+            uids = self._rows[0]
+            with torch.no_grad():
+                self._matrix().data[uids] = self._saved
+            self._saved = None
+
+    def _install(self, delta: Any) -> None:
+        self.delta = delta
+        self._restore()
+        uids = self._rows[0]
+        with torch.no_grad():
+            data = self._matrix().data
+            self._saved = data[uids].clone()
+            data[uids] = self._saved + delta.to(data.dtype)
+
+    # -- Site interface ----------------------------------------------------------------
+    def forward_backward(
+        self,
+        closure: Callable[[], Any],
+        *,
+        param_grads: bool,
+        scale: float = 1.0,
+        allow_none: bool = False,
+        keep_grad: bool = True,
+    ) -> Any:
+        self._pass = []
+        try:
+            out = closure()
+            captured = self._pass
+        finally:
+            self._pass = None
+        if not captured:
+            raise ValueError(
+                "The forward of the training step did not run the target layer, so there is "
+                "no perturbation site. Train the model returned by advgraph.wrap(). "
+                f"{received(target_calls=0)}"
+            )
+        if out is None and allow_none:
+            return None
+        loss = _check_loss(out)
+        target = loss if scale == 1.0 else loss * scale
+        if self.model.optimizer is not None:
+            target = self.model.optimizer.scale_loss(target)
+        sources = captured if keep_grad else []
+        params = [v.value for v in self.variables] if param_grads else []
+        if sources or params:
+            grads = torch.autograd.grad(target, sources + params, allow_unused=True)
+        else:
+            grads = ()
+        if keep_grad:
+            self._grad = self._to_site(grads[0], captured[0])
+        if param_grads:
+            new = list(grads[len(sources) :])
+            if self.param_grads is None:
+                self.param_grads = new
+            else:
+                self.param_grads = [
+                    b if a is None else a if b is None else a + b
+                    for a, b in zip(self.param_grads, new)
+                ]
+        return loss.detach()
+
+    def _to_site(self, grad: Any, like: torch.Tensor) -> torch.Tensor:
+        if grad is None:
+            grad = torch.zeros_like(like)
+        if self.mode == "output":
+            return grad
+        assert self._rows is not None
+        uids, seg = self._rows
+        flat = grad.reshape(-1, grad.shape[-1])
+        rows = torch.zeros((uids.shape[0], flat.shape[1]), dtype=flat.dtype, device=flat.device)
+        return rows.index_add_(0, seg.to(flat.device), flat)
+
+    def site_grad(self) -> Any:
+        if self._grad is None:
+            raise RuntimeError(
+                "No gradient at the perturbation site: no forward_backward() with "
+                f"keep_grad=True since it was last read. {received(recorded_gradients=0)}"
+            )
+        grad, self._grad = self._grad, None
+        return grad
+
+    def set_delta(self, delta: Any) -> None:
+        if self.mode == "output" or callable(delta):
+            self._restore()
+            self.delta = delta
+            return
+        if self._rows is None:
+            raise RuntimeError(
+                "set_delta() before any gradient at the site: the rows to perturb are not "
+                f"known. {received(rows_known=False)}"
+            )
+        self._install(delta)
+
+    def clear(self) -> None:
+        self.delta = None
+        self._restore()
+
+    def record(self, result: DeltaResult) -> None:
+        self.stats.record(result)
+
+
+def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
+    """The wrapped model's torch ``train_step``; metrics see the clean pass."""
+    config = adv.config
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    site = TorchSite(self, adv.stats, adv.target, config.mode)
+    predictions: list[Any] = []
+    vat = config.method == "vat"
+
+    def closure() -> Any:
+        later = bool(predictions)
+        metric_vars = list(self.metrics_variables) if later else []
+        saved = [v.value.detach().clone() for v in metric_vars]
+        if _private.call_has_training_arg(self):
+            y_pred = self(x, training=True)
+        else:
+            y_pred = self(x)
+        predictions.append(y_pred)
+        if vat and y is None:
+            out = y_pred
+        else:
+            loss = _private.compute_loss(self, x, y, y_pred, sample_weight)
+            out = (loss, y_pred) if vat else loss
+        for var, value in zip(metric_vars, saved):
+            var.assign(value)
+        return out
+
+    with adv.hook.activate(site):
+        loss = run_method(site, closure, config)
+
+    first = next(t for t in keras.tree.flatten(x) if t is not None)
+    _private.loss_tracker(self).update_state(loss, sample_weight=first.shape[0])
+    if site.variables:
+        grads = site.param_grads or [None] * len(site.variables)
+        with torch.no_grad():
+            self.optimizer.apply(grads, site.variables)
+    else:
+        warnings.warn("The model does not have any trainable weights.", stacklevel=2)
+    if y is None:
+        return self.get_metrics_result()
+    return self.compute_metrics(x, y, predictions[0], sample_weight=sample_weight)

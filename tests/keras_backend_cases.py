@@ -1,0 +1,316 @@
+"""The Keras adapter on the active backend (run per backend by test_keras_backends.py).
+
+Run directly: ``KERAS_BACKEND=jax python -m pytest -q tests/keras_backend_cases.py``.
+Not collected by a plain ``pytest`` run (no ``test_`` prefix): the backend is fixed
+per process, so ``test_keras_backends.py`` starts one pytest per backend.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+if os.environ.get("KERAS_BACKEND") == "torch":
+    import torch  # noqa: F401  (before tensorflow, see conftest)
+
+keras = pytest.importorskip("keras")
+
+import advgraph  # noqa: E402
+from advgraph._errors import AdvGraphWarning  # noqa: E402
+
+BACKEND = keras.backend.backend()
+V, D, C, L, B = 17, 6, 3, 5, 8
+METHODS = [
+    ("fgm", {}),
+    ("fgsm", {}),
+    ("pgd", {"steps": 2}),
+    ("pgd", {"steps": 2, "random_init": True}),
+    ("freelb", {"steps": 2}),
+    ("vat", {}),
+]
+
+
+def data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1, V - 4, (B, L)).astype("int32")  # ids V-4.. never used
+    return x, rng.integers(0, C, B).astype("int32")
+
+
+def build(kind: str = "functional", *, jit_compile="auto", run_eagerly=False, seed=0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    if kind == "subclassed":
+
+        class Net(keras.Model):
+            def __init__(self) -> None:
+                super().__init__()
+                self.emb = keras.layers.Embedding(V, D, name="emb")
+                self.pool = keras.layers.GlobalAveragePooling1D()
+                self.fc = keras.layers.Dense(C)
+
+            def call(self, x, training=None):
+                return self.fc(self.pool(self.emb(x)))
+
+        model = Net()
+        model(np.zeros((1, L), "int32"))
+    elif kind == "sequential":
+        model = keras.Sequential(
+            [keras.Input((L,), dtype="int32"), keras.layers.Embedding(V, D, name="emb"),
+             keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(C)]
+        )
+    else:
+        inp = keras.Input((L,), dtype="int32")
+        h = keras.layers.Embedding(V, D, name="emb")(inp)
+        h = keras.layers.Dropout(0.1)(h)
+        out = keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(h))
+        model = keras.Model(inp, out)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+        run_eagerly=run_eagerly,
+    )
+    return model
+
+
+def emb_of(model: keras.Model):
+    return next(l for l in model._flatten_layers() if isinstance(l, keras.layers.Embedding))
+
+
+def matrix_bytes(model: keras.Model) -> bytes:
+    return np.asarray(keras.ops.convert_to_numpy(emb_of(model).embeddings.value)).tobytes()
+
+
+def test_dispatch_recognises_keras_first() -> None:
+    from advgraph._wrap import _framework_of
+
+    model = build()
+    assert _framework_of(model) == "keras"
+    if BACKEND == "torch":
+        import torch
+
+        assert isinstance(model, torch.nn.Module)  # and still the Keras adapter
+
+
+def test_is_wrapped_never_raises() -> None:
+    class NoDict:
+        __slots__ = ()
+
+    class Hostile:
+        def __getattribute__(self, name):
+            raise RuntimeError("no attribute access")
+
+    model = build()
+    assert advgraph.is_wrapped(model) is False
+    assert advgraph.is_wrapped(NoDict()) is False
+    assert advgraph.is_wrapped(Hostile()) is False
+    assert advgraph.is_wrapped(None) is False
+    wrapped = advgraph.wrap(model, mode="matrix")
+    assert advgraph.is_wrapped(wrapped) is True
+    assert advgraph.is_wrapped(advgraph.unwrap(wrapped)) is False
+
+
+@pytest.mark.parametrize("kind", ["functional", "sequential", "subclassed"])
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_evaluate_and_predict_are_bit_identical(kind: str, mode: str) -> None:
+    x, y = data()
+    model = build(kind)
+    model.fit(x, y, verbose=0)  # built and trained a little, as users have it
+    predicted = keras.ops.convert_to_numpy(model.predict(x, verbose=0))
+    evaluated = model.evaluate(x, y, verbose=0)
+    wrapped = advgraph.wrap(model, mode=mode, epsilon=0.5)
+    assert keras.ops.convert_to_numpy(wrapped.predict(x, verbose=0)).tobytes() == predicted.tobytes()
+    assert wrapped.evaluate(x, y, verbose=0) == evaluated
+
+
+@pytest.mark.parametrize("method, kwargs", METHODS)
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+@pytest.mark.parametrize("objective", ["clean+adv", "adv"])
+def test_every_method_trains_and_counts(method: str, kwargs: dict, mode: str, objective: str) -> None:
+    if method == "freelb" and objective == "clean+adv":
+        pytest.skip("freelb has no clean pass: its objective is 'adv' only")
+    kwargs = dict(kwargs, objective=objective)
+    x, y = data()
+    model = build()
+    untouched = np.asarray(keras.ops.convert_to_numpy(emb_of(model).embeddings.value))[V - 4 :].copy()
+    wrapped = advgraph.wrap(model, mode=mode, method=method, epsilon=0.5, **kwargs)
+    history = wrapped.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
+    stats = dict(wrapped.advgraph_stats)
+    per_step = {"fgm": 1, "fgsm": 1, "pgd": 2, "freelb": 1, "vat": 1}[method]  # deltas computed
+    assert stats["steps"] == 4 * per_step, stats
+    assert stats["skipped_nonfinite"] == 0
+    after = np.asarray(keras.ops.convert_to_numpy(emb_of(model).embeddings.value))
+    # Rows no batch touched: no delta ever reached them (Adam leaves zero-gradient rows).
+    assert after[V - 4 :].tobytes() == untouched.tobytes()
+    assert "advgraph_counters" not in history.history
+
+
+def test_adversarial_update_differs_from_the_plain_one() -> None:
+    x, y = data()
+    plain, adv = build("sequential", seed=3), build("sequential", seed=3)
+    assert matrix_bytes(plain) == matrix_bytes(adv)
+    adv = advgraph.wrap(adv, mode="output", epsilon=2.0)
+    plain.fit(x, y, verbose=0, shuffle=False)
+    adv.fit(x, y, verbose=0, shuffle=False)
+    assert matrix_bytes(plain) != matrix_bytes(adv)
+
+
+def test_matrix_mode_on_a_layer_without_embeddings_is_rejected_and_model_untouched() -> None:
+    model = build()
+    before = [np.asarray(keras.ops.convert_to_numpy(w)).tobytes() for w in model.weights]
+    step = model.train_step
+    with pytest.raises(ValueError, match="Received: target="):
+        advgraph.wrap(model, target=model.layers[-1].name, mode="matrix")
+    with pytest.raises(ValueError, match="Received: target="):
+        advgraph.wrap(model, target="no_such_layer")
+    with pytest.raises(TypeError, match="Received: target="):
+        advgraph.wrap(model, target=3.5)
+    with pytest.raises(ValueError, match="Received: epsilon="):
+        advgraph.wrap(model, epsilon=-1.0)
+    assert not advgraph.is_wrapped(model)
+    assert model.train_step == step
+    assert [np.asarray(keras.ops.convert_to_numpy(w)).tobytes() for w in model.weights] == before
+
+
+def test_uncompiled_model_is_rejected() -> None:
+    model = keras.Sequential([keras.Input((L,), dtype="int32"), keras.layers.Embedding(V, D)])
+    with pytest.raises(ValueError, match="Received: model="):
+        advgraph.wrap(model)
+
+
+def test_replaced_train_step_raises_instead_of_training_plainly() -> None:
+    x, y = data()
+    wrapped = advgraph.wrap(build(), mode="matrix")
+    object.__setattr__(wrapped, "train_step", type(wrapped).train_step.__get__(wrapped))
+    with pytest.raises(RuntimeError, match="train_step"):
+        wrapped.fit(x, y, verbose=0)
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_error_in_the_adversarial_pass_leaves_the_embedding_unperturbed(mode: str) -> None:
+    """The second forward of the step raises; the stored matrix keeps its bytes.
+
+    torch runs eagerly (Python restores); JAX raises while tracing the jitted step,
+    which is functional (nothing was stored); TensorFlow runs eagerly here.
+    """
+
+    class Bomb(keras.layers.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.armed, self.calls = False, 0
+
+        def call(self, h, training=None):
+            if training and self.armed:
+                self.calls += 1
+                if self.calls == 2:
+                    raise RuntimeError("boom in the adversarial forward")
+            return h
+
+    bomb = Bomb()
+    inp = keras.Input((L,), dtype="int32")
+    out = keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(bomb(keras.layers.Embedding(V, D)(inp))))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  run_eagerly=BACKEND == "tensorflow")
+    x, y = data()
+    wrapped = advgraph.wrap(model, mode=mode)
+    before = matrix_bytes(model)
+    bomb.armed = True
+    with pytest.raises(Exception, match="boom"):
+        wrapped.train_on_batch(x, y)
+    assert matrix_bytes(model) == before
+
+
+def test_frozen_embedding_matrix_mode_stays_bit_identical() -> None:
+    x, y = data()
+    model = build()
+    emb_of(model).trainable = False
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = matrix_bytes(model)
+    wrapped = advgraph.wrap(model, mode="matrix", epsilon=0.5)
+    wrapped.fit(x, y, verbose=0, epochs=2, batch_size=4)
+    assert wrapped.advgraph_stats["steps"] == 4
+    assert matrix_bytes(model) == before
+
+
+def test_token_and_position_embedding_gives_no_false_warning() -> None:
+    keras_hub = pytest.importorskip("keras_hub")
+    inp = keras.Input((L,), dtype="int32")
+    tpe = keras_hub.layers.TokenAndPositionEmbedding(V, L, D, name="tpe")
+    out = keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(tpe(inp)))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdvGraphWarning)
+        wrapped = advgraph.wrap(model, mode="matrix")
+        assert wrapped.advgraph_target == "tpe/token_embedding"
+        x, y = data()
+        wrapped.fit(x, y, verbose=0)
+    assert wrapped.advgraph_stats["steps"] == 1
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_keras_hub_gpt2_causal_lm(mode: str) -> None:
+    """GPT-2's ReversibleEmbedding is also its LM head: the lookup only is the site."""
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=40, num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16,
+        max_sequence_length=L, dropout=0.0,
+    )
+    model = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(1, 20, (4, L)).astype("int32"), "padding_mask": np.ones((4, L), "int32")}
+    y = rng.integers(1, 20, (4, L)).astype("int32")
+    untouched = matrix_bytes_of(backbone.token_embedding)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = advgraph.wrap(model, mode=mode, epsilon=0.5)
+        wrapped.fit(x, y, verbose=0)
+    ours = [str(w.message) for w in caught if issubclass(w.category, AdvGraphWarning)]
+    assert wrapped.advgraph_target.endswith("token_embedding")
+    assert wrapped.advgraph_stats["steps"] == 1
+    assert (len(ours) == 1 and "output head" in ours[0]) if mode == "matrix" else ours == []
+    assert matrix_bytes_of(backbone.token_embedding) != untouched  # trained
+
+
+def matrix_bytes_of(layer) -> bytes:
+    return np.asarray(keras.ops.convert_to_numpy(layer.embeddings.value)).tobytes()
+
+
+def test_only_the_active_backends_framework_is_imported() -> None:
+    """advgraph adds no framework import beyond what keras itself imports."""
+    code = (
+        "import sys, keras, numpy as np, advgraph\n"
+        "before = {f for f in ('tensorflow', 'jax', 'torch') if f in sys.modules}\n"
+        "m = keras.Sequential([keras.Input((4,), dtype='int32'), keras.layers.Embedding(10, 3),\n"
+        "                      keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])\n"
+        "m.compile(optimizer='sgd', loss='mse')\n"
+        "advgraph.wrap(m, mode='matrix')\n"
+        "others = {'tensorflow', 'jax', 'torch'} - {keras.backend.backend()} - before\n"
+        "print(sorted(o for o in others if o in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, KERAS_BACKEND=BACKEND))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_unknown_keras_version_is_a_clear_error(monkeypatch) -> None:
+    from advgraph.adapters.keras import _private
+
+    monkeypatch.setattr(keras, "version", lambda: "4.0.0")
+    with pytest.raises(ImportError, match="supports Keras 3.*Received: keras_version='4.0.0'"):
+        _private.check_keras_version()
+    model = build()
+    monkeypatch.delattr(type(model), "_loss_tracker", raising=False)
+    object.__setattr__(model, "_loss_tracker", None)
+    with pytest.raises(RuntimeError, match="Trainer._loss_tracker.*Received: keras_version="):
+        _private.loss_tracker(model)
