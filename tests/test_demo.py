@@ -185,6 +185,20 @@ def test_cli_rejects_bad_arguments(args, message, capsys):
     assert "usage: advgraph demo" in err
 
 
+def test_version_and_no_command(capsys):
+    import advgraph
+    from advgraph.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"advgraph {advgraph.__version__}"
+    assert main([]) == 0  # no command: the help, with the commands
+    out = capsys.readouterr().out
+    assert out.startswith("usage: advgraph")
+    assert re.search(r"^commands:\n(.*\n)*\s+demo\s+train a small text classifier", out, re.M), out
+
+
 def test_cli_bad_data_file_is_a_clean_error(tmp_path):
     path = tmp_path / "bad.tsv"
     path.write_text("only text, no label\n", encoding="utf-8")
