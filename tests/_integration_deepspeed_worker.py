@@ -140,6 +140,24 @@ def refused_scenario() -> dict[str, Any]:
     return {"error": None}
 
 
+def plain_backward_scenario(stage: int) -> dict[str, Any]:
+    """adversarial_step without backward=engine.backward: refused on ZeRO-1/2, fine on ZeRO-3."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    model = advgraph.wrap(make_model(), mode="output", epsilon=EPS)
+    x, y = batch()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config(stage))
+    before = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
+    try:
+        model.adversarial_step(lambda: engine(input_ids=x, labels=y).loss)
+    except ValueError as error:
+        after = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
+        return {"error": str(error), "untouched": all(torch.equal(before[n], after[n]) for n in before)}
+    grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+    return {"error": None, "grad_error": worst(grads, reference_grads("output"))}
+
+
 def trainer_scenario(stage: int, mode: str) -> dict[str, Any]:
     from deepspeed.utils import safe_get_full_fp32_param
     from transformers import TrainingArguments
@@ -186,6 +204,8 @@ SCENARIOS: dict[str, dict[str, Callable[[], dict[str, Any]]]] = {
             ]
         },
         "zero3_matrix_refused": refused_scenario,
+        "zero2_plain_backward": lambda: plain_backward_scenario(2),
+        "zero3_plain_backward": lambda: plain_backward_scenario(3),
     },
     "trainer": {
         f"trainer_zero{s}_{m}": (lambda s=s, m=m: trainer_scenario(s, m))

@@ -89,6 +89,20 @@ def test_engine_zero3_refuses_matrix_mode_clearly(engine_results):
     assert found["wrapped"] is False
 
 
+def test_engine_zero2_without_engine_backward_is_refused_before_anything_changes(engine_results):
+    found = scenario(engine_results, "zero2_plain_backward")
+    assert found["error"] is not None, "ZeRO-2 with loss.backward() was accepted (it loses the clean gradients)"
+    assert "backward=engine.backward" in found["error"]
+    assert "Received: backward='loss.backward()'" in found["error"]
+    assert found["untouched"]
+
+
+def test_engine_zero3_with_plain_backward_keeps_every_pass(engine_results):
+    found = scenario(engine_results, "zero3_plain_backward")
+    assert found["error"] is None
+    assert worst(found["grad_error"])[1] < TOLERANCE, worst(found["grad_error"])
+
+
 @pytest.mark.parametrize("name", ["trainer_zero2_output", "trainer_zero3_output", "trainer_zero1_matrix"])
 def test_trainer_with_deepspeed_config_first_step_equals_the_hand_written_step(trainer_results, name):
     found = scenario(trainer_results, name)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["backward_before_last", "deepspeed_engine"]
+__all__ = ["backward_before_last", "check_backward", "deepspeed_engine"]
 
 Backward = Callable[[torch.Tensor], Any]
 
@@ -74,3 +74,34 @@ def backward_before_last(backward: Backward | None) -> Backward | None:
             engine._is_gradient_accumulation_boundary = saved
 
     return not_a_boundary
+
+
+def check_backward(module: torch.nn.Module, backward: Backward | None) -> None:
+    """Refuse a step that would lose the clean pass's gradients under ZeRO-1/2.
+
+    ZeRO stages 1 and 2 mark every parameter they manage (``_hp_mapping``). There,
+    only a backward advgraph can run outside a gradient-accumulation boundary
+    (``engine.backward``, or one carrying ``advgraph_before_last``) keeps the
+    gradients of the passes before the last; ``loss.backward()`` or another
+    function would silently train ``"clean+adv"`` as ``"adv"``. (ZeRO-3 accumulates
+    its partitioned gradients across backward calls either way.)
+    """
+    if "deepspeed" not in sys.modules:
+        return
+    if backward is not None and (
+        callable(getattr(backward, "advgraph_before_last", None)) or deepspeed_engine(backward) is not None
+    ):
+        return
+    param = next(module.parameters(), None)
+    if param is None or getattr(param, "_hp_mapping", None) is None:
+        return
+    from advgraph._errors import received
+
+    name = "loss.backward()" if backward is None else getattr(backward, "__qualname__", type(backward).__name__)
+    raise ValueError(
+        "The model's parameters are managed by a DeepSpeed ZeRO stage 1/2 optimizer: pass "
+        "adversarial_step(closure, backward=engine.backward) (the DeepSpeedEngine's own method). "
+        "advgraph then runs every pass but the last outside a gradient-accumulation boundary; "
+        "with any other backward, ZeRO keeps only the last pass's gradients. "
+        f"{received(backward=name)}"
+    )

@@ -27,7 +27,7 @@ from advgraph._config import AdversarialConfig
 from advgraph._errors import AdvGraphWarning, received
 from advgraph._methods import passes, run_method, single_delta
 
-from ._deepspeed import backward_before_last
+from ._deepspeed import backward_before_last, check_backward
 from ._fx import TraceRejected, trace_model, trace_module
 from ._site import MatrixSite, OutputSite, Perturbation, Stats
 from ._target import find_target
@@ -262,6 +262,7 @@ class AdversarialModule:
                 "adversarial_step(backward=...) takes a function that backpropagates a loss "
                 f"(e.g. accelerator.backward), or None. {received(backward=backward)}"
             )
+        check_backward(self, backward)  # DeepSpeed ZeRO-1/2: engine.backward is needed
         if state.config.mode == "matrix":
             _refuse_sharded_matrix(state)
         if state.site.active:
