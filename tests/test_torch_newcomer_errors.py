@@ -86,3 +86,25 @@ def test_perturbed_after_adversarial_step_says_the_gradient_was_used():
     with pytest.raises(RuntimeError, match=r"already used for a delta"):
         with wrapped.perturbed():
             pass
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_backward_in_the_adversarial_pass_only_is_reported_and_restored(mode):
+    """The pass under delta needs no gradient at the site, so only PyTorch's own error
+    can tell; it is translated, and the perturbed weights are restored."""
+    model = models()["fx"]
+    wrapped = advgraph.wrap(model, mode=mode, epsilon=0.5)
+    before = param_bytes(model)
+    calls = []
+
+    def closure():
+        loss = F.cross_entropy(wrapped(X), Y)
+        calls.append(1)
+        if len(calls) == 2:  # the adversarial pass of FGM
+            loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match=r"The closure ran a backward pass itself") as info:
+        wrapped.adversarial_step(closure)
+    assert isinstance(info.value.__cause__, RuntimeError)  # PyTorch's message stays in the chain
+    assert param_bytes(model) == before
