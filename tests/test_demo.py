@@ -534,3 +534,22 @@ def test_readme_demo_table_matches_a_fresh_run(command):
         f"README's table for `{command}` is stale; the command now prints:\n"
         + "\n".join([header, rule] + ["  ".join(r) for r in rows])
     )
+
+
+def test_native_stderr_is_silenced_during_the_block_and_replayed_on_error():
+    code = (
+        "import os, sys\n"
+        "from advgraph._demo.quiet import native_stderr_silenced\n"
+        "with native_stderr_silenced():\n"
+        "    os.write(2, b'I0000 noise from C++\\n')\n"
+        "os.write(2, b'after\\n')\n"
+        "try:\n"
+        "    with native_stderr_silenced():\n"
+        "        os.write(2, b'why the import failed\\n')\n"
+        "        raise ImportError('boom')\n"
+        "except ImportError:\n"
+        "    pass\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "after\nwhy the import failed\n"
