@@ -3,6 +3,8 @@
     advgraph demo [--framework torch|keras] [--mode output|matrix]
                   [--methods none,fgm,pgd,freelb,vat] [--epsilon E] [--seeds N]
                   [--data FILE] [--plot out.png]
+    advgraph --version
+    advgraph                # no command: prints the help with the commands, exit code 0
 
 Importing this module imports no framework: the demo imports torch or
 TensorFlow only once its arguments are valid.
@@ -20,12 +22,16 @@ __all__ = ["main"]
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     from advgraph._demo.cli import add_arguments
 
+    from advgraph import __version__
+
     parser = argparse.ArgumentParser(
         prog="advgraph",
         description="advgraph: embedding-level adversarial training for PyTorch and Keras models.",
+        epilog="Run 'advgraph COMMAND --help' for a command's options. With no command, this "
+        "help is printed (exit code 0).",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
+    parser.add_argument("--version", action="version", version=f"advgraph {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     demo = commands.add_parser(
         "demo",
         help="train a small text classifier with each method and compare robustness",
@@ -47,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``advgraph`` command line; return the exit code."""
     parser, commands = _parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     from advgraph._demo.cli import run, settings_from_args
     from advgraph._demo.settings import DemoError
 

@@ -3,7 +3,9 @@
     torchrun --nproc_per_node 2 examples/ddp_torchrun.py
 
 (``python -m torch.distributed.run`` is the same launcher.) CPU processes talk over
-gloo, GPUs over nccl. A small LSTM text classifier, generated data, a few seconds.
+gloo, GPUs over nccl. A small LSTM text classifier on generated data; runs in under
+20 s on a 2-core CPU. Test accuracy passes the majority-class baseline (printed first)
+in the first epoch.
 
 The order: wrap first, then DDP, and call the DDP module in the closure::
 
@@ -81,6 +83,9 @@ def main() -> None:
     sampler = torch.utils.data.DistributedSampler(train, num_replicas=world, rank=rank, seed=0)
     loader = torch.utils.data.DataLoader(train, batch_size=32, sampler=sampler)
     x_test, y_test = make_data(512, seed=1).tensors
+    if rank == 0:
+        print(f"majority-class baseline (always the most common label): "
+              f"{torch.bincount(y_test).max().item() / len(y_test):.3f}")
 
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)

@@ -2,7 +2,8 @@
 
     python examples/lightning_fit.py
 
-A small LSTM text classifier on generated data, a few seconds on a laptop CPU.
+A small LSTM text classifier on generated data; runs in under 15 s on a 2-core CPU.
+Validation accuracy ends far above the majority-class baseline (printed first).
 The network is wrapped with ``advgraph.wrap`` in ``__init__``; ``training_step``
 calls ``advgraph.integrations.lightning.adversarial_step``, whose backward passes
 go through ``manual_backward`` (precision plugins, DDP strategy: gradients are
@@ -90,6 +91,9 @@ def main() -> None:
     )
     train = torch.utils.data.DataLoader(make_data(2048, seed=0), batch_size=32, shuffle=True)
     val = torch.utils.data.DataLoader(make_data(512, seed=1), batch_size=256)
+    labels = val.dataset.tensors[1]
+    print(f"majority-class baseline (always the most common label): "
+          f"{torch.bincount(labels).max().item() / len(labels):.3f}")
     trainer.fit(module, train, val)
     metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()}
     print(f"metrics {metrics}")

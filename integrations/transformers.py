@@ -24,8 +24,10 @@ How it hooks in (tested with transformers 5.23 and accelerate 1.15):
   ``num_items_in_batch``), and the passes that accumulate parameter gradients are
   backpropagated through the real ``accelerator.backward`` with the parent's
   arguments (GradScaler for fp16, DeepSpeed's engine, ...). Under DDP every pass
-  but the last runs without gradient sync (see ``adversarial_step``); the
-  Trainer's own ``no_sync`` for accumulation micro-batches is respected.
+  but the last runs without gradient sync (see ``adversarial_step``); under
+  DeepSpeed every pass but the last is not a gradient-accumulation boundary (no
+  ``engine.step()``), so ZeRO keeps the clean pass's gradients; the Trainer's own
+  ``no_sync`` / accumulation micro-batches are respected.
 - Evaluation and prediction are untouched (no perturbation is active there).
 
 For a Trainer subclass of your own (e.g. from TRL), put the mixin first:
@@ -68,6 +70,26 @@ def _check_options(adversarial: Any) -> dict[str, Any]:
             f"{', '.join(_WRAP_OPTIONS)}. {received(unknown=unknown)}"
         )
     return dict(adversarial)
+
+
+def _not_a_boundary(accelerator: Any, backward: Any) -> Any:
+    """``backward`` for the passes before a step's last one under DeepSpeed.
+
+    accelerate's DeepSpeed backward makes each call a gradient-accumulation boundary
+    (and runs ``engine.step()``) when ``sync_gradients`` is set; the passes before the
+    last run with it off, so their gradients accumulate and the step is taken once.
+    """
+
+    def before_last(loss: torch.Tensor) -> None:
+        state = accelerator.gradient_state
+        saved = state.sync_gradients
+        state._set_sync_gradients(False)
+        try:
+            backward(loss)
+        finally:
+            state._set_sync_gradients(saved)
+
+    return before_last
 
 
 class AdversarialTrainerMixin:
@@ -188,6 +210,9 @@ class AdversarialTrainerMixin:
 
         def backward(loss: torch.Tensor) -> None:
             accelerator.backward(loss, **captured.get("kwargs", {}))
+
+        if getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
+            backward.advgraph_before_last = _not_a_boundary(accelerator, backward)  # type: ignore[attr-defined]
 
         return wrapped.adversarial_step(closure, backward=backward)
 

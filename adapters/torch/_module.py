@@ -35,6 +35,7 @@ from advgraph._config import AdversarialConfig
 from advgraph._errors import AdvGraphWarning, received
 from advgraph._methods import passes, run_method, single_delta
 
+from ._deepspeed import backward_before_last, check_backward
 from ._fx import SITE_ATTR, TraceRejected, rewrite_lookup, scalar_attributes
 from ._site import MatrixSite, OutputSite, Stats
 from ._target import find_lookups, find_target, sharing_weight
@@ -143,11 +144,12 @@ class _StepRunner:
         self.backward = backward
         self.passes = passes
         self.done = 0
+        self.backward_before_last = backward_before_last(backward)  # DeepSpeed: no boundary
 
     def forward_backward(self, closure: Callable[[], Any], **kwargs: Any) -> Any:
         self.done += 1
         self.sync.active = self.done < self.passes
-        self.site.backward = self.backward
+        self.site.backward = self.backward if self.done >= self.passes else self.backward_before_last
         try:
             return self.site.forward_backward(closure, **kwargs)
         finally:
@@ -159,7 +161,7 @@ class _StepRunner:
         return getattr(self.site, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("site", "sync", "backward", "passes", "done"):
+        if name in ("site", "sync", "backward", "passes", "done", "backward_before_last"):
             object.__setattr__(self, name, value)
         else:
             setattr(self.site, name, value)
@@ -268,6 +270,9 @@ class AdversarialModule:
                 parameter gradients instead of ``loss.backward()``, e.g.
                 ``accelerator.backward`` or a LightningModule's ``manual_backward``
                 (they scale the loss for gradient accumulation / mixed precision).
+                With DeepSpeed pass ``engine.backward``: every pass but the last then
+                runs outside a gradient-accumulation boundary, so ZeRO keeps the
+                clean pass's gradients.
                 The passes that only need the gradient at the embedding use
                 ``torch.autograd.grad`` on the closure's loss.
 
@@ -285,6 +290,7 @@ class AdversarialModule:
                 "adversarial_step(backward=...) takes a function that backpropagates a loss "
                 f"(e.g. accelerator.backward), or None. {received(backward=backward)}"
             )
+        check_backward(self, backward)  # DeepSpeed ZeRO-1/2: engine.backward is needed
         if state.site.active:
             raise RuntimeError(
                 "adversarial_step() was called inside perturbed(); leave the block first. "

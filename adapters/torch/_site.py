@@ -77,6 +77,15 @@ def site_by_key(key: int) -> "_Site | None":
     return _SITES.get(key)
 
 
+_OWN_BACKWARD = (
+    "The closure ran a backward pass itself (loss.backward()); adversarial_step() runs "
+    "the backward of every pass, so the closure must only run the forward and return "
+    "the loss. Remove the backward from the closure; for a custom backward (e.g. "
+    "accelerator.backward, engine.backward) pass adversarial_step(closure, backward=...). "
+    "The weights are as before the step (their .grad may hold the closure's own backward). "
+)
+
+
 class _Site:
     """What both sites share: number the target's calls, read their gradients."""
 
@@ -93,6 +102,7 @@ class _Site:
         self._grad_pass = -1
         self._calls = 0  # calls of the target in the current pass
         self._fresh = True  # the next forward of the wrapped model starts a new pass
+        self._grad_used = False  # the last backward's gradient already gave a delta
         self.capturing = True  # False while a pass needs no gradient at the site
         self.active = False
         # Set by adversarial_step(backward=...) for one step: runs the backward of the
@@ -149,6 +159,7 @@ class _Site:
             self._grad_parts = []
             self._grad_keys = set()
             self._grad_pass = pass_id
+            self._grad_used = False
         self._grad_parts.append(((call, key), grad))
         self._grad_keys.add(call)
         self._fresh = True
@@ -177,18 +188,25 @@ class _Site:
             if loss is None and allow_none:
                 return None
             loss = check_loss(loss)
+            if self._grad_parts and self._grad_pass == self._pass:
+                raise ValueError(_OWN_BACKWARD + received(closure_ran_backward=True))
             outputs = self._outputs
             if not outputs:
                 raise ValueError(self._not_called_message())
             target = loss if scale == 1.0 else loss * scale
             self._grad_parts, self._grad_keys, self._grad_pass = [], set(), -1
-            if param_grads:
-                if self.backward is None:
-                    target.backward()
+            try:
+                if param_grads:
+                    if self.backward is None:
+                        target.backward()
+                    else:
+                        self.backward(target)
                 else:
-                    self.backward(target)
-            else:
-                torch.autograd.grad(target, outputs, allow_unused=True)
+                    torch.autograd.grad(target, outputs, allow_unused=True)
+            except RuntimeError as error:
+                if "backward through the graph a second time" not in str(error):
+                    raise
+                raise ValueError(_OWN_BACKWARD + received(closure_ran_backward=True)) from error
         finally:
             self._keep_outputs = False
             self._outputs = []
@@ -224,6 +242,14 @@ class _Site:
         Reading it releases it, so that nothing O(batch) or O(rows) stays alive
         through the next pass.
         """
+        if not self._grad_parts and getattr(self, "_grad_used", False):
+            raise RuntimeError(
+                "The gradient of the last backward was already used for a delta (by the "
+                "previous perturbed() block, or by adversarial_step()); each backward gives "
+                "one delta. Run the clean forward and backward again before the next "
+                "perturbed() block (a backward inside a perturbed() block does not count: "
+                f"it trains on the perturbed input). {received(recorded_gradients=0, already_used=True)}"
+            )
         if not self._grad_parts:
             raise RuntimeError(
                 "No gradient at the perturbation site: run a forward and a backward of the "
@@ -236,6 +262,7 @@ class _Site:
         finally:
             self._grad_parts = []
             self._grad_keys = set()
+            self._grad_used = True
 
     def _grad(self) -> Any:
         raise NotImplementedError

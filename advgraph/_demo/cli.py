@@ -15,8 +15,11 @@ import importlib.util
 import math
 import os
 import sys
+import textwrap
 import time
 from typing import Sequence
+
+import numpy as np
 
 from advgraph._demo.settings import DEFAULT_EPSILON, DEMO_METHODS, DemoError, DemoSettings
 from advgraph._errors import received
@@ -175,6 +178,12 @@ def check_environment(settings: DemoSettings) -> None:
     os.environ["KERAS_BACKEND"] = backend  # read when keras is first imported
 
 
+def _duration(seconds: float) -> str:
+    """``42 s`` or ``3 min 05 s``."""
+    seconds = round(seconds)
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
 def run(settings: DemoSettings, out: object = sys.stdout) -> int:
     """Load the data, train every method and seed, print the table and the summary."""
     from advgraph._demo import data as data_mod
@@ -193,25 +202,32 @@ def run(settings: DemoSettings, out: object = sys.stdout) -> int:
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)  # type: ignore[call-overload]
 
+    counts = np.bincount(enc.y_test, minlength=len(dataset.label_names))
+    majority = float(counts.max() / counts.sum())
+    majority_class = dataset.label_names[int(counts.argmax())]
+    seeds = f"{settings.seeds} seed" + ("s" if settings.seeds > 1 else "")
+    epochs = f"{settings.epochs} epoch" + ("s" if settings.epochs > 1 else "")
     say(
         f"advgraph demo: {_label(settings)}, mode={settings.mode}, epsilon={settings.epsilon:g}, "
-        f"{settings.seeds} seed(s) x {settings.epochs} epoch(s) per method"
+        f"{seeds} x {epochs} per method"
     )
-    say(
+    say(textwrap.fill(
         f"data: {dataset.name}: {len(dataset.train_texts)} train / {len(dataset.test_texts)} test "
         f"texts (fixed hash split), {len(dataset.label_names)} classes "
-        f"({', '.join(dataset.label_names)}), vocabulary {enc.vocab_size}, max length {settings.max_len}"
-    )
+        f"({', '.join(dataset.label_names)}), vocabulary {enc.vocab_size}, max length {settings.max_len}",
+        width=report.WIDTH, subsequent_indent="  ", break_on_hyphens=False,
+    ))
     start = time.perf_counter()
     results = run_all(enc, settings)
     rows = report.summarize(results, settings.methods)
+    facts = {"majority": majority, "majority_class": majority_class}
     say()
     say(report.format_table(rows, settings))
     say()
-    say(report.format_summary(rows, settings))
-    say(f"\ntraining and evaluation took {time.perf_counter() - start:.0f} s")
+    say(report.format_summary(rows, settings, test_size=len(enc.y_test), **facts))
+    say(f"\ntraining and evaluation took {_duration(time.perf_counter() - start)}")
     if settings.plot:
         title = f"advgraph demo: {_label(settings)}, mode={settings.mode}, {dataset.name}"
-        report.save_plot(settings.plot, rows, settings, title)
+        report.save_plot(settings.plot, rows, settings, title, **facts)
         say(f"plot written to {settings.plot}")
     return 0

@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the demo's output is the table
+from advgraph._demo.quiet import native_stderr_silenced, quiet_tensorflow_environment
+
+quiet_tensorflow_environment()  # the demo's output is the table: before TensorFlow loads
 
 from typing import Any, Callable  # noqa: E402
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+with native_stderr_silenced():  # TensorFlow's C++ start-up lines (oneDNN, CUDA probing)
+    import keras  # noqa: E402
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # noqa: E402
+
+        tf.config.list_physical_devices()  # probes for GPUs (a CUDA error line) here, silently
+
+# The first batch of fit() traces and compiles the train function: the progress bar
+# says so instead of showing an ETA computed from it.
+FIRST_STEP = "compiling…"
 
 import advgraph  # noqa: E402
 from advgraph._demo.data import PAD, Encoded  # noqa: E402

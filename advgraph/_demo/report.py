@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from advgraph._demo.run import RunResult
 from advgraph._demo.settings import DemoSettings
 
-__all__ = ["MethodSummary", "summarize", "format_table", "format_summary", "save_plot"]
+__all__ = ["MethodSummary", "summarize", "format_table", "format_notes", "format_summary", "save_plot"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,11 @@ def _points(diff: float) -> str:
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
         9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 
+WIDTH = 88  # notes are wrapped to this many columns
+# A method whose clean accuracy is at most this far above the majority-class share
+# has not learned more than "always predict the most common class".
+_AT_MAJORITY = 0.01
+
 
 def _t95(df: int) -> float:
     return next((_T95[k] for k in sorted(_T95) if k >= df), 1.96)
@@ -131,67 +137,171 @@ def _clear(a: MethodSummary, b: MethodSummary, what: str) -> bool | None:
     return abs(diff) > _t95(a.seeds + b.seeds - 2) * se if se > 0 else diff != 0
 
 
-def _noise_note(flag: bool | None) -> str:
-    if flag is None:
-        return " (1 seed: no error estimate)"
-    return "" if flag else " (within seed noise)"
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
-def _changes(rows: Sequence[MethodSummary], base: MethodSummary, what: str) -> str:
-    parts = []
-    for r in sorted(rows, key=lambda r: -getattr(r, f"{what}_mean")):
+def _names(methods: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return methods[0] if len(methods) == 1 else ", ".join(methods[:-1]) + " and " + methods[-1]
+
+
+def _wrap(text: str, indent: str = "") -> str:
+    return textwrap.fill(text, width=WIDTH, subsequent_indent=indent, break_on_hyphens=False)
+
+
+def _change(r: MethodSummary, base: MethodSummary, what: str) -> str:
+    mean = getattr(r, f"{what}_mean")
+    return f"{r.method} {_points(mean - getattr(base, f'{what}_mean'))} (to {100 * mean:.1f}%)"
+
+
+def _comparison(others: Sequence[MethodSummary], base: MethodSummary, what: str, name: str) -> list[str]:
+    """One sentence per outcome (raised / lowered / within seed noise / unchanged)."""
+    ranked = sorted(others, key=lambda r: -getattr(r, f"{what}_mean"))
+    groups: dict[str, list[MethodSummary]] = {"up": [], "down": [], "noise": [], "same": []}
+    for r in ranked:
         diff = getattr(r, f"{what}_mean") - getattr(base, f"{what}_mean")
-        parts.append(f"{r.method} {_points(diff)} (to {100 * getattr(r, f'{what}_mean'):.1f}%)"
-                     f"{_noise_note(_clear(r, base, what))}")
-    return "; ".join(parts)
-
-
-def format_summary(rows: Sequence[MethodSummary], settings: DemoSettings) -> str:
-    """A few plain sentences computed from the table."""
-    base = next((r for r in rows if r.method == "none"), None)
-    lines = [
-        f"Robust accuracy = accuracy on the test split under {settings.describe_attack()} "
-        f"(step {settings.attack_alpha():.3g}, no random start); adversarial training used "
-        f"epsilon={settings.epsilon:g} in mode={settings.mode!r}. '(within seed noise)' marks a "
-        "difference to 'none' inside a 95% t-interval over seeds. s/epoch is the median wall-clock "
-        "time of a training epoch (noisy on a busy machine); cost = s/epoch / that of 'none'.",
-    ]
-    if base is None:
-        lines.append("No 'none' baseline was run: add it to --methods to compare against plain training.")
-        return "\n".join(lines)
-    others = [r for r in rows if r.method != "none"]
-    if not others:
-        lines.append("Only the 'none' baseline was run: add adversarial methods to --methods to compare.")
-        return "\n".join(lines)
-    lines.append(
-        f"Under the attack, plain training ('none') keeps {100 * base.robust_mean:.1f}% accuracy "
-        f"(clean: {100 * base.clean_mean:.1f}%)."
-    )
-    for what, name in (("robust", "robust accuracy"), ("clean", "clean accuracy")):
-        up = [r for r in others if getattr(r, f"{what}_mean") > getattr(base, f"{what}_mean")]
-        down = [r for r in others if getattr(r, f"{what}_mean") <= getattr(base, f"{what}_mean")]
-        if up:
-            lines.append(f"Raised {name} over 'none': {_changes(up, base, what)}.")
-        if down:
-            lines.append(f"Did not raise {name}: {_changes(down, base, what)}.")
-    best = max(others, key=lambda r: r.robust_mean)
-    if best.robust_mean > base.robust_mean and best.relative_cost is not None:
-        cheapest = min(others, key=lambda r: r.relative_cost or math.inf)
-        lines.append(
-            f"Most robust: {best.method}, at {best.relative_cost:.1f}x the training time per "
-            f"epoch of 'none'; cheapest: {cheapest.method} ({cheapest.relative_cost:.1f}x, "
-            f"{_points(cheapest.robust_mean - base.robust_mean)} robust)."
+        if _clear(r, base, what) is False:
+            groups["noise"].append(r)
+        elif diff > 0:
+            groups["up"].append(r)
+        elif diff < 0:
+            groups["down"].append(r)
+        else:
+            groups["same"].append(r)
+    out = []
+    if groups["up"]:
+        out.append(f"Raised {name} over 'none': " + "; ".join(_change(r, base, what) for r in groups["up"]) + ".")
+    if groups["down"]:
+        out.append(f"Lowered {name}: " + "; ".join(_change(r, base, what) for r in groups["down"]) + ".")
+    if groups["noise"]:
+        out.append(
+            f"{name[0].upper() + name[1:]} within seed noise of 'none' (95% t-interval): "
+            + "; ".join(_change(r, base, what) for r in groups["noise"]) + "."
         )
-    return "\n".join(lines)
+    if groups["same"]:
+        out.append(f"Same {name} as 'none': {_names([r.method for r in groups['same']])}.")
+    return out
 
 
-def save_plot(path: str, rows: Sequence[MethodSummary], settings: DemoSettings, title: str) -> None:
-    """Learning curves, clean vs robust accuracy, and the table, as one PNG."""
+def format_notes(rows: Sequence[MethodSummary], settings: DemoSettings, majority: float | None = None,
+                 majority_class: str | None = None, test_size: int | None = None) -> str:
+    """What the table's columns mean (one wrapped paragraph)."""
+    seeds = rows[0].seeds if rows else settings.seeds
+    texts = f"the {test_size} test texts" if test_size else "the test split"
+    parts = [f"Clean acc: accuracy on {texts}"]
+    if majority is not None:
+        which = f" ({majority_class})" if majority_class else ""
+        parts[0] += f"; always predicting the most common class{which} scores {majority:.3f}"
+    parts[0] += "."
+    parts.append(
+        f"Robust acc: accuracy under {settings.describe_attack()} (step {settings.attack_alpha():.3g}, "
+        "no random start)."
+    )
+    spread = f"Mean ± std over {seeds} seeds" if seeds > 1 else "1 seed, so no spread"
+    parts.append(f"{spread}; adversarial training used epsilon={settings.epsilon:g} in mode={settings.mode!r}.")
+    parts.append(
+        "s/epoch: median wall-clock seconds of a training epoch (noisy on a busy machine); "
+        "cost vs none: s/epoch relative to 'none'."
+    )
+    return _wrap(" ".join(parts))
+
+
+def format_summary(rows: Sequence[MethodSummary], settings: DemoSettings, majority: float | None = None,
+                   majority_class: str | None = None, test_size: int | None = None) -> str:
+    """The notes, then a few plain sentences computed from the table; wrapped to 88 columns.
+
+    One message per condition, worded for the methods and seeds that were run: no
+    noise talk with 1 seed, no "most robust / cheapest" unless two or more
+    adversarial methods raised robustness, a warning when a method is no better
+    than always predicting the majority class.
+    """
+    paragraphs = [format_notes(rows, settings, majority, majority_class, test_size)]
+    findings: list[str] = []
+    base = next((r for r in rows if r.method == "none"), None)
+    others = [r for r in rows if r.method != "none"]
+    seeds = rows[0].seeds if rows else settings.seeds
+    if base is None:
+        findings.append("No 'none' baseline was run: add it to --methods to compare with plain training.")
+    elif not others:
+        findings.append(
+            "Only plain training ('none') was run: add adversarial methods to --methods "
+            "(e.g. --methods none,fgm) to compare."
+        )
+    else:
+        findings.append(
+            f"Under the attack, plain training ('none') keeps {100 * base.robust_mean:.1f}% accuracy "
+            f"(clean: {100 * base.clean_mean:.1f}%)."
+        )
+        findings += _comparison(others, base, "robust", "robust accuracy")
+        findings += _comparison(others, base, "clean", "clean accuracy")
+        if seeds == 1:
+            findings.append(
+                "With 1 seed there is no error estimate: a difference of a point or so may be "
+                "seed noise (--seeds 3 reports mean ± std and marks it)."
+            )
+        findings += _cost_sentence(others, base)
+    if majority is not None:
+        stuck = [r.method for r in rows if r.clean_mean <= majority + _AT_MAJORITY]
+        if stuck:
+            verb = "is" if len(stuck) == 1 else "are"
+            findings.append(
+                f"{_names(stuck)} {verb} at the majority-class share ({majority:.3f}): no better "
+                "than always predicting the most common class. Train longer (--epochs) or with a "
+                "smaller --epsilon."
+            )
+    paragraphs.append("\n".join(_wrap(f, indent="  ") for f in findings))
+    return "\n\n".join(paragraphs)
+
+
+def _cost_sentence(others: Sequence[MethodSummary], base: MethodSummary) -> list[str]:
+    """Most robust vs cheapest, when at least two methods raised robust accuracy."""
+    gains = [r for r in others if r.robust_mean > base.robust_mean and _clear(r, base, "robust") is not False]
+    if len(gains) < 2 or any(r.relative_cost is None for r in gains):
+        return []
+    best = max(gains, key=lambda r: r.robust_mean)
+    cheapest = min(gains, key=lambda r: r.relative_cost)  # type: ignore[arg-type, return-value]
+    if cheapest is best:
+        return [
+            f"{best.method} is both the most robust and the cheapest of them "
+            f"({best.relative_cost:.1f}x the time per epoch of 'none')."
+        ]
+    gap = best.robust_mean - cheapest.robust_mean
+    less = "as robust" if gap == 0 else f"{100 * gap:.1f} points less robust"
+    sentence = (
+        f"Most robust: {best.method}, at {best.relative_cost:.1f}x the time per epoch of 'none'; "
+        f"the cheapest, {cheapest.method}, costs {cheapest.relative_cost:.1f}x and is {less}"
+    )
+    if gap and _clear(cheapest, best, "robust") is False:
+        sentence += " (within seed noise)"
+    return [sentence + "."]
+
+
+def save_plot(path: str, rows: Sequence[MethodSummary], settings: DemoSettings, title: str,
+              majority: float | None = None, majority_class: str | None = None) -> None:
+    """Learning curves, clean vs robust accuracy, and the table, as one PNG.
+
+    Titles say what is drawn: "mean over N seeds" (and error bars of one std) with
+    several seeds, "1 seed" (no error bars) with one. ``majority`` (the share of the
+    most common test class) is drawn as a dashed line on both accuracy panels.
+    """
+    from matplotlib import pyplot as plt
+
+    fig = figure(rows, settings, title, majority, majority_class)
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def figure(rows: Sequence[MethodSummary], settings: DemoSettings, title: str,
+           majority: float | None = None, majority_class: str | None = None) -> Any:
+    """The matplotlib figure of :func:`save_plot` (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
 
+    seeds = rows[0].seeds if rows else settings.seeds
+    over = f"mean over {seeds} seeds" if seeds > 1 else "1 seed"
     fig = plt.figure(figsize=(13, 8.5))
     grid = fig.add_gridspec(2, 3, height_ratios=[3, 1.4])
     ax_loss, ax_acc, ax_bar = (fig.add_subplot(grid[0, i]) for i in range(3))
@@ -199,17 +309,24 @@ def save_plot(path: str, rows: Sequence[MethodSummary], settings: DemoSettings, 
     for row in rows:
         ax_loss.plot(epochs, row.train_loss, marker="o", label=row.method)
         ax_acc.plot(epochs, row.test_accuracy, marker="o", label=row.method)
-    ax_loss.set(title="training loss (clean, mean over seeds)", xlabel="epoch", ylabel="loss")
-    ax_acc.set(title="clean test accuracy (mean over seeds)", xlabel="epoch", ylabel="accuracy")
+    baseline = None
+    if majority is not None:
+        which = f" ({majority_class})" if majority_class else ""
+        baseline = f"majority class{which}: {majority:.3f}"
+        for ax in (ax_acc, ax_bar):
+            ax.axhline(majority, color="0.35", linestyle="--", linewidth=1, label=baseline)
+    ax_loss.set(title=f"training loss (clean, {over})", xlabel="epoch", ylabel="loss")
+    ax_acc.set(title=f"clean test accuracy ({over})", xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.set_xticks(epochs)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     where = np.arange(len(rows))
     width = 0.38
+    errors = seeds > 1
 
     def err(values: list[float]) -> list[float] | None:
-        return None if any(math.isnan(v) for v in values) else values
+        return values if errors and not any(math.isnan(v) for v in values) else None
 
     ax_bar.bar(where - width / 2, [r.clean_mean for r in rows], width,
                yerr=err([r.clean_std for r in rows]), capsize=3, label="clean")
@@ -217,15 +334,18 @@ def save_plot(path: str, rows: Sequence[MethodSummary], settings: DemoSettings, 
                yerr=err([r.robust_std for r in rows]), capsize=3,
                label=f"under attack (eps={settings.attack_epsilon:g})")
     ax_bar.set_xticks(where, [r.method for r in rows])
-    ax_bar.set(title="test accuracy (mean ± std over seeds)", ylim=(0, 1))
+    bar_title = f"test accuracy (mean ± std over {seeds} seeds)" if errors else "test accuracy (1 seed)"
+    ax_bar.set(title=bar_title, ylim=(0, 1))
     ax_bar.grid(alpha=0.3, axis="y")
-    ax_bar.legend(loc="upper right")
+    ax_bar.legend(loc="upper right", fontsize="small")
     ax_table = fig.add_subplot(grid[1, :])
     ax_table.axis("off")
     header, cells = table_rows(rows, settings)
     table = ax_table.table(cellText=cells, colLabels=header, loc="center", cellLoc="center")
     table.scale(1, 1.4)
+    if baseline is not None:
+        ax_table.set_title(f"always predicting the most common class{which} scores {majority:.3f}", y=0.0,
+                           fontsize="small", pad=-14)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    return fig

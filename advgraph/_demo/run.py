@@ -125,10 +125,43 @@ def load_runner(framework: str) -> Any:
     return importlib.import_module(f"advgraph._demo.{framework}_runner")
 
 
-def _progress(total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
+class Progress:
+    """A tqdm bar of training batches on stderr, honest while the first step compiles.
 
-    return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
+    With ``first_step`` (e.g. ``"compiling…"``, for a runner whose first batch traces
+    and compiles the train function) the bar shows that text instead of a rate and an
+    ETA until the first batch is done; the bar that follows measures its rate from
+    the batches after it, so the compile time does not inflate the ETA.
+    """
+
+    def __init__(self, total: int, desc: str, first_step: str | None = None) -> None:
+        self.total, self.desc = total, desc
+        self.waiting = first_step is not None
+        fmt = None if first_step is None else "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} " + first_step
+        self.bar = self._bar(initial=0, bar_format=fmt)
+
+    def _bar(self, initial: int, bar_format: str | None) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total, initial=initial, desc=self.desc, unit="batch", file=sys.stderr,
+                    leave=False, dynamic_ncols=True, bar_format=bar_format)
+
+    def update(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            self.bar.close()
+            self.bar = self._bar(initial=1, bar_format=None)
+        else:
+            self.bar.update(1)
+
+    def set_postfix(self, **values: Any) -> None:
+        self.bar.set_postfix(**values)
+
+    def set_postfix_str(self, text: str) -> None:
+        self.bar.set_postfix_str(text)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run_one(runner: Any, method: str, seed: int, enc: Encoded, settings: DemoSettings) -> RunResult:
@@ -146,12 +179,12 @@ def _run_one(runner: Any, method: str, seed: int, enc: Encoded, settings: DemoSe
     rng = np.random.default_rng(seed)  # same data order for every method
     n_batches = len(_batches(len(enc.x_train), settings.batch_size))
     seconds, losses, accuracies = [], [], []
-    bar = _progress(settings.epochs * n_batches, f"{method:>6} seed {seed}")
+    bar = Progress(settings.epochs * n_batches, f"{method:>6} seed {seed}", getattr(runner, "FIRST_STEP", None))
     try:
         for epoch in range(settings.epochs):
             order = rng.permutation(len(enc.x_train))
             start = time.perf_counter()
-            loss = trainer.train_epoch(enc.x_train[order], enc.y_train[order], lambda: bar.update(1))
+            loss = trainer.train_epoch(enc.x_train[order], enc.y_train[order], bar.update)
             seconds.append(time.perf_counter() - start)
             losses.append(float(loss))
             accuracies.append(clean_accuracy(trainer, enc.x_test, enc.y_test))
