@@ -137,10 +137,6 @@ def _clear(a: MethodSummary, b: MethodSummary, what: str) -> bool | None:
     return abs(diff) > _t95(a.seeds + b.seeds - 2) * se if se > 0 else diff != 0
 
 
-def _seeds(n: int) -> str:
-    return f"{n} seed" if n == 1 else f"{n} seeds"
-
-
 def _names(methods: Sequence[str]) -> str:
     """``a``, ``a and b``, ``a, b and c``."""
     return methods[0] if len(methods) == 1 else ", ".join(methods[:-1]) + " and " + methods[-1]
