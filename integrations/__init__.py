@@ -11,7 +11,10 @@ pip extra when it is missing:
   manual-optimization ``LightningModule`` (``pip install 'advgraph[lightning]'``).
 
 Plain PyTorch DDP / FSDP need no integration: ``wrapped.adversarial_step`` defers
-DDP's gradient sync to the last pass of each step by itself.
+DDP's gradient sync to the last pass of each step by itself. Neither does DeepSpeed:
+pass ``backward=engine.backward`` and every pass but the last runs outside a
+gradient-accumulation boundary (``AdversarialTrainer`` does this under a DeepSpeed
+config).
 """
 
 __all__: list[str] = []

@@ -52,15 +52,15 @@ def make_model() -> BertForSequenceClassification:
     return BertForSequenceClassification(config)
 
 
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(7)
+def batch(seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 64, (4, 8), generator=gen), torch.tensor([0, 1, 0, 1])
 
 
-def reference_grads(mode: str) -> dict[str, torch.Tensor]:
+def reference_grads(mode: str, seed: int = 7) -> dict[str, torch.Tensor]:
     """One FGM step written by hand: clean backward, delta from its gradient, adversarial backward."""
     model = make_model()
-    x, y = batch()
+    x, y = batch(seed)
     emb = model.bert.embeddings.word_embeddings
     if mode == "output":
         out = emb(x).detach().requires_grad_()
@@ -124,6 +124,35 @@ def engine_scenario(stage: int, mode: str, wrap_first: bool) -> dict[str, Any]:
         "update_error": worst({n: (before[n] - after[n]) / LR for n in before}, ref),
         "restored": restored,
         "route": wrapped.advgraph_route,
+    }
+
+
+def accumulation_scenario(stage: int) -> dict[str, Any]:
+    """gradient_accumulation_steps=2: two adversarial micro-batches, one optimizer step.
+
+    DeepSpeed scales each loss by 1/2; the update is the mean of the two micro-batches'
+    hand-written FGM gradients (each micro-batch's delta from its own clean pass).
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    model = advgraph.wrap(make_model(), mode="output", epsilon=EPS)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = ds_config(stage) | {"gradient_accumulation_steps": 2, "train_batch_size": 8}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    boundaries = []
+    for seed in (7, 8):
+        x, y = batch(seed)
+        boundaries.append(engine.is_gradient_accumulation_boundary())
+        model.adversarial_step(lambda: engine(input_ids=x, labels=y).loss, backward=engine.backward)
+        engine.step()
+    after = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+    first, second = reference_grads("output", 7), reference_grads("output", 8)
+    ref = {n: (first[n] + second[n]) / 2 for n in first}
+    return {
+        "boundaries": boundaries,
+        "global_steps": engine.global_steps,
+        "update_error": worst({n: (before[n] - after[n]) / LR for n in before}, ref),
     }
 
 
@@ -204,6 +233,8 @@ SCENARIOS: dict[str, dict[str, Callable[[], dict[str, Any]]]] = {
             ]
         },
         "zero3_matrix_refused": refused_scenario,
+        "zero1_accumulation": lambda: accumulation_scenario(1),
+        "zero2_accumulation": lambda: accumulation_scenario(2),
         "zero2_plain_backward": lambda: plain_backward_scenario(2),
         "zero3_plain_backward": lambda: plain_backward_scenario(3),
     },

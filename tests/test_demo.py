@@ -332,6 +332,19 @@ def test_a_method_at_the_majority_class_share_is_named():
     assert "fgm and pgd are at the majority-class share (0.573)" in summary
 
 
+def test_methods_that_sat_at_the_majority_share_for_a_while_are_named_once():
+    def result(method, curve):
+        return RunResult(method, 0, curve[-1], 0.3, (1.0,) * 3, (0.6, 0.5, 0.4), curve)
+
+    runs = [result("none", (0.75, 0.77, 0.77)), result("fgm", (0.573, 0.75, 0.77)),
+            result("pgd", (0.573, 0.575, 0.76)), result("vat", (0.573, 0.75, 0.77))]
+    _, summary = summary_of(runs, ("none", "fgm", "pgd", "vat"), 1, majority=0.573)
+    assert summary.count("Still at the majority-class share") == 1
+    assert ("Still at the majority-class share (always the most common class): fgm and vat after "
+            "epoch 1; pgd after epochs 1-2; each learned later") in summary
+    assert "are at the majority-class share" not in summary  # they did learn in the end
+
+
 def test_summary_without_baseline():
     settings = DemoSettings(methods=("fgm",), epochs=2)
     rows = report.summarize([r for r in fake_results() if r.method == "fgm"], settings.methods)

@@ -137,10 +137,6 @@ def _clear(a: MethodSummary, b: MethodSummary, what: str) -> bool | None:
     return abs(diff) > _t95(a.seeds + b.seeds - 2) * se if se > 0 else diff != 0
 
 
-def _seeds(n: int) -> str:
-    return f"{n} seed" if n == 1 else f"{n} seeds"
-
-
 def _names(methods: Sequence[str]) -> str:
     """``a``, ``a and b``, ``a, b and c``."""
     return methods[0] if len(methods) == 1 else ", ".join(methods[:-1]) + " and " + methods[-1]
@@ -250,8 +246,30 @@ def format_summary(rows: Sequence[MethodSummary], settings: DemoSettings, majori
                 "than always predicting the most common class. Train longer (--epochs) or with a "
                 "smaller --epsilon."
             )
+        late = [r for r in rows if r.method not in stuck and _first_epoch_above(r, majority) > 1]
+        if late:
+            by_epoch: dict[int, list[str]] = {}
+            for r in late:
+                by_epoch.setdefault(_first_epoch_above(r, majority) - 1, []).append(r.method)
+            parts = [f"{_names(m)} after {_epochs(e)}" for e, m in sorted(by_epoch.items())]
+            findings.append(
+                f"Still at the majority-class share (always the most common class): {'; '.join(parts)}; "
+                "each learned later (see the clean-accuracy curves with --plot)."
+            )
     paragraphs.append("\n".join(_wrap(f, indent="  ") for f in findings))
     return "\n\n".join(paragraphs)
+
+
+def _first_epoch_above(row: MethodSummary, majority: float) -> int:
+    """The first epoch (1-based) whose clean test accuracy is above the majority share."""
+    return next(
+        (i + 1 for i, acc in enumerate(row.test_accuracy) if acc > majority + _AT_MAJORITY),
+        len(row.test_accuracy) + 1,
+    )
+
+
+def _epochs(n: int) -> str:
+    return "epoch 1" if n == 1 else f"epochs 1-{n}"
 
 
 def _cost_sentence(others: Sequence[MethodSummary], base: MethodSummary) -> list[str]:
