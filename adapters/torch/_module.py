@@ -27,9 +27,11 @@ from advgraph._config import AdversarialConfig
 from advgraph._errors import AdvGraphWarning, received
 from advgraph._methods import passes, run_method, single_delta
 
+from ._calls import RunnerCalls
 from ._fx import TraceRejected, trace_model, trace_module
 from ._site import MatrixSite, OutputSite, Perturbation, Stats
 from ._target import find_target
+from ._weights import WeightSite, awp_parameters
 
 logger = logging.getLogger("advgraph")
 
@@ -48,6 +50,7 @@ class _State:
     replaced: tuple[str, str, nn.Module] | None = None  # (parent path, child, module)
     handles: list[Any] = field(default_factory=list)
     sync: "_SyncDeferral | None" = None
+    teacher: Any = None  # SMART's momentum teacher (adapters/torch/_calls.py)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -101,7 +104,7 @@ class _SyncDeferral:
         return new
 
 
-class _StepRunner:
+class _StepRunner(RunnerCalls):
     """The site as the method sees it during one ``adversarial_step``.
 
     Counts the passes: every pass but the last runs with DDP's gradient sync
@@ -131,7 +134,7 @@ class _StepRunner:
         return getattr(self.site, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("site", "sync", "backward", "passes", "done"):
+        if name in ("site", "sync", "backward", "passes", "done", "host"):
             object.__setattr__(self, name, value)
         else:
             setattr(self.site, name, value)
@@ -220,6 +223,7 @@ class AdversarialModule:
         closure: Callable[[], torch.Tensor],
         *,
         backward: Callable[[torch.Tensor], Any] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run every forward/backward pass of the method for one training step.
 
@@ -242,6 +246,10 @@ class AdversarialModule:
                 (they scale the loss for gradient accumulation / mixed precision).
                 The passes that only need the gradient at the embedding use
                 ``torch.autograd.grad`` on the closure's loss.
+            mask: ``method="neftune"``: the batch's token mask, shape (batch,
+                sequence), nonzero for real tokens (e.g. ``attention_mask``); padding
+                gets no noise and does not count in the length. Without it, padding
+                is known from the embedding's ``padding_idx``, if it has one.
 
         Returns:
             The clean loss, detached.
@@ -267,8 +275,16 @@ class AdversarialModule:
         if state.sync is None:  # a module wrapped before this field existed
             state.sync = _SyncDeferral()
         runner = _StepRunner(state.site, state.sync, backward, passes(state.config))
+        runner.host = self
         state.sync.deferred = 0
-        loss = run_method(runner, closure, state.config)
+        if mask is not None:
+            _check_mask(state, mask)
+            state.site.step_mask = mask
+        try:
+            loss = run_method(runner, closure, state.config)
+        finally:
+            if mask is not None:
+                state.site.step_mask = None
         if runner.done < runner.passes and state.sync.deferred:
             # The last pass ran with DDP's sync deferred: gradients were not all-reduced.
             raise RuntimeError(
@@ -400,7 +416,53 @@ def _check_matrix_target(model: nn.Module, path: str, module: nn.Module) -> None
         )
 
 
+def _check_mask(state: _State, mask: Any) -> None:
+    if state.config.method != "neftune":
+        raise ValueError(
+            "adversarial_step(mask=...) tells method='neftune' where the padding is; "
+            f"method={state.config.method!r} does not read it. {received(method=state.config.method)}"
+        )
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise TypeError(
+            "adversarial_step(mask=...) takes a (batch, sequence) tensor, nonzero for real "
+            f"tokens (e.g. attention_mask). {received(mask=getattr(mask, 'shape', mask))}"
+        )
+
+
+def _wrap_weights(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module:
+    """method='awp': the site is the target's weights (adapters/torch/_weights.py)."""
+    path, named = awp_parameters(model, target)
+    for name, param in named:
+        why = _sharded_weight(param)
+        if why is not None:
+            raise ValueError(
+                "method='awp' edits the target's weights in place and restores them by "
+                "copying, which a sharded parameter (FSDP, ZeRO-3) does not allow. "
+                + received(parameter=name, sharding=why)
+            )
+    stats = Stats()
+    site = WeightSite(named, stats)
+    sync = _SyncDeferral()
+    handles = [model.register_forward_pre_hook(sync.before_forward)]
+    state = _State(
+        config=config,
+        site=site,
+        stats=stats,
+        route="weights",
+        target_path=path,
+        original_class=type(model),
+        handles=handles,
+        sync=sync,
+    )
+    model.__class__ = _wrapped_class(type(model))
+    model.__dict__["_advgraph"] = state
+    logger.info("advgraph: wrapped %s: method=awp, %d weights under %r", type(model).__name__, len(named), path)
+    return model
+
+
 def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module:
+    if config.method == "awp":
+        return _wrap_weights(model, target, config)
     path, module = find_target(model, target)
     if path == "":
         raise ValueError(
@@ -418,6 +480,8 @@ def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module
         _check_matrix_target(model, path, module)
         site: Any = MatrixSite(module, stats)
         handles.append(module.register_forward_hook(site.on_forward))
+        # A delta given as a function (a random start) is drawn when the rows are known.
+        handles.append(module.register_forward_pre_hook(site.before_lookup))
         host, route = model, "matrix"
     else:
         site = OutputSite(stats)
@@ -447,6 +511,11 @@ def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module
                 setattr(parent, child, gm)
                 replaced = (parent_path, child, module)
                 host, route = model, "fx-submodule"
+    if config.method == "neftune":
+        # NEFTune's padding: the ids of each call of the target and its padding_idx.
+        called = host.get_submodule(path)
+        site.padding_idx = getattr(called, "padding_idx", getattr(module, "padding_idx", None))
+        handles.append(called.register_forward_pre_hook(site.record_ids, with_kwargs=True))
     handles.append(host.register_forward_pre_hook(site.begin_forward))
     sync = _SyncDeferral()
     handles.append(host.register_forward_pre_hook(sync.before_forward))

@@ -16,6 +16,8 @@ from torch import nn
 from advgraph._delta import DeltaResult
 from advgraph._errors import AdvGraphWarning, received
 
+from ._calls import SiteCalls
+
 
 class Stats:
     """Counters of one wrapped model (read them as ``wrapped.advgraph_stats``)."""
@@ -53,7 +55,7 @@ def check_loss(loss: Any) -> torch.Tensor:
     return loss
 
 
-class _Site:
+class _Site(SiteCalls):
     """What both sites share: capture the target's output, read its gradient."""
 
     mode = "abstract"
