@@ -30,6 +30,17 @@ def _detach(tree: Any) -> Any:
     return tree
 
 
+def _math_attention() -> Any:
+    """scaled_dot_product_attention on its math kernel (differentiable twice)."""
+    import contextlib
+
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _scalar(value: Any, what: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         raise TypeError(
@@ -62,7 +73,9 @@ class SiteCalls:
         self._keep_outputs = True
         self.capturing = True
         try:
-            loss = check_loss(closure())
+            # The fused attention kernels have no double backward; the math one has.
+            with _math_attention():
+                loss = check_loss(closure())
             outputs = self._outputs  # type: ignore[attr-defined]
             if not outputs:
                 raise ValueError(
