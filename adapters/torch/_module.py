@@ -429,6 +429,26 @@ def _check_mask(state: _State, mask: Any) -> None:
         )
 
 
+def _refuse_tied_joint(model: nn.Module, path: str, module: nn.Module, config: AdversarialConfig) -> None:
+    """r3f / smart in matrix mode run a clean and a perturbed forward before one
+    backward; the rows are edited in place in between, which autograd refuses when
+    another layer (a tied LM head) saved the same weight for its backward."""
+    if config.method not in ("r3f", "smart"):
+        return
+    tied = [
+        name
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if param is module.weight and name != f"{path}.weight"
+    ]
+    if tied:
+        raise ValueError(
+            f"method={config.method!r} in mode='matrix' backpropagates through a clean and a "
+            "perturbed forward at once, but the embedding weight is tied to another layer "
+            "that uses it after the rows are edited. Use mode='output'. "
+            + received(method=config.method, tied_to=", ".join(tied))
+        )
+
+
 def _wrap_weights(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module:
     """method='awp': the site is the target's weights (adapters/torch/_weights.py)."""
     path, named = awp_parameters(model, target)
@@ -478,6 +498,7 @@ def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module
         if sharding is not None:
             raise ValueError(_SHARDED_MATRIX + received(target=path, sharding=sharding))
         _check_matrix_target(model, path, module)
+        _refuse_tied_joint(model, path, module, config)
         site: Any = MatrixSite(module, stats)
         handles.append(module.register_forward_hook(site.on_forward))
         # A delta given as a function (a random start) is drawn when the rows are known.

@@ -162,3 +162,17 @@ def test_neftune_mask_type_is_checked():
         wrapped.adversarial_step(lambda: F.cross_entropy(wrapped(x), y), mask=[1, 1, 0])
     assert param_bytes(model) == before
     assert wrapped.__dict__["_advgraph"].site.step_mask is None
+
+
+@pytest.mark.parametrize("method", ["r3f", "smart"])
+def test_joint_methods_refuse_a_tied_matrix(method):
+    pytest.importorskip("transformers")
+    from torch_models import tiny_gpt2
+
+    model = tiny_gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied-weight warning of matrix mode
+        with pytest.raises(ValueError, match="Received: method='%s', tied_to='lm_head.weight'" % method):
+            advgraph.wrap(model, mode="matrix", method=method)
+    assert not advgraph.is_wrapped(model)
+    advgraph.unwrap(advgraph.wrap(model, mode="output", method=method))
