@@ -633,10 +633,8 @@ def _awp_delta(site: Site, grad: Array, weight: Array, config: AdversarialConfig
     site.record(unit)
     w = ops.widen(weight)
     norm_w = ops.sqrt(ops.sum(w * w, tuple(range(ops.ndim(w)))))
-    delta = config.adv_lr * norm_w * ops.widen(unit.delta)
-    bound = config.adv_eps * ops.abs(w)
-    delta = ops.where(delta > bound, bound, ops.where(delta < -bound, -bound, delta))
-    return ops.cast(delta, ops.dtype(weight))
+    delta = ops.widen(unit.delta) * (config.adv_lr * norm_w)
+    return ops.cast(ops.clip_to(delta, ops.abs(w) * config.adv_eps), ops.dtype(weight))
 
 
 def awp_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:

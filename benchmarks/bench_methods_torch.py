@@ -6,11 +6,14 @@ interleaved timing. Costs measured in the same run:
 - ``plain``: one forward/backward; ``hand FGM``: the copied FGM class (2 passes);
   one pass = ``hand FGM - plain``; ``forward``: a forward without gradient;
 - ``hand GP``: loss + eps/2 ||dL/de||^2 written by hand (autograd.grad with
-  create_graph on the embedding output, then backward; math attention kernel).
+  create_graph on the embedding output, then backward; math attention kernel);
+- ``hand AWP``: the AWP class Kaggle NLP solutions copy (every parameter named
+  ``weight``; backup, add adv_lr * ||w|| * g / ||g||, clamp to the adv_eps band,
+  zero_grad, adversarial backward, restore), adv_lr=1, adv_eps=0.2.
 
 Ideals: gp = hand GP; r3f = 2 passes (two forwards, one backward through both);
 smart (steps=1, mu > 0) = 3 passes + 2 forwards (teacher, fixed clean logits);
-neftune = 1 pass (plain); awp (every weight) = 2 passes.
+neftune = 1 pass (plain); awp (every weight) = 2 passes, and the hand AWP class.
 
     python benchmarks/bench_methods_torch.py [--repeats 5] [--device cpu|cuda] [--json out.json]
 """
@@ -95,6 +98,30 @@ def main() -> None:
 
     add("hand GP", gp_model, hand_gp)
 
+    awp_model = copy.deepcopy(base)
+
+    def hand_awp(m, adv_lr=1.0, adv_eps=0.2, e=1e-6):
+        out_of(m).loss.backward()
+        backup, bands = {}, {}
+        for name, p in m.named_parameters():
+            if p.requires_grad and p.grad is not None and "weight" in name:
+                backup[name] = p.data.clone()
+                grad_eps = adv_eps * p.abs().detach()
+                bands[name] = (backup[name] - grad_eps, backup[name] + grad_eps)
+        for name, p in m.named_parameters():
+            if name in backup:
+                norm1, norm2 = torch.norm(p.grad), torch.norm(p.data.detach())
+                if norm1 != 0 and not torch.isnan(norm1):
+                    p.data.add_(adv_lr * p.grad / (norm1 + e) * (norm2 + e))
+                    p.data = torch.min(torch.max(p.data, bands[name][0]), bands[name][1])
+        m.zero_grad(set_to_none=True)
+        out_of(m).loss.backward()
+        for name, p in m.named_parameters():
+            if name in backup:
+                p.data = backup[name]
+
+    add("hand AWP", awp_model, hand_awp)
+
     def pair(m):
         out = out_of(m)
         return out.loss, out.logits
@@ -122,10 +149,11 @@ def main() -> None:
         "advgraph awp": plain + per_pass,
     }
     ratios = {f"{name} / ideal": med[name] / ideal[name] for name in ideal}
+    ratios["advgraph awp / hand AWP"] = med["advgraph awp"] / med["hand AWP"]
     print(table([(n, f"{t * 1e3:.1f}", f"{t / plain:.2f}x") for n, t in med.items()], ("variant", "median ms", "vs plain")))
     print()
-    print(table([(n, f"{ideal[n.rsplit(' / ', 1)[0]] * 1e3:.1f}", f"{r:.3f}") for n, r in ratios.items()],
-                ("ratio", "ideal ms", "value")))
+    refs = {**{f"{n} / ideal": ideal[n] for n in ideal}, "advgraph awp / hand AWP": med["hand AWP"]}
+    print(table([(n, f"{refs[n] * 1e3:.1f}", f"{r:.3f}") for n, r in ratios.items()], ("ratio", "reference ms", "value")))
     write_json(args.json, {
         "benchmark": "methods_torch", "args": vars(args), "machine": machine(),
         "median_s": med, "times_s": times, "ideal_s": ideal, "ratios": ratios,
