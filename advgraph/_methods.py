@@ -430,7 +430,7 @@ def _symmetric_kl(ops: Ops, a: Array, b: Array, *, detach_targets: bool) -> Arra
 
     ``detach_targets=False``: gradients through both distributions of both terms
     (fairseq's R3F). ``True``: each KL's first argument is held fixed (mt-dnn's
-    ``SymKlCriterion``: ``kl_div(log p_a, p_b.detach()) + kl_div(log p_b, p_a.detach())``).
+    ``SymKlCriterion``: ``kl_div(log p_b, p_a.detach()) + kl_div(log p_a, p_b.detach())``).
     """
     log_a, log_b = _log_softmax(ops, a), _log_softmax(ops, b)
     if detach_targets:
