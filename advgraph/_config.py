@@ -187,8 +187,9 @@ def make_config(
           ``--adv_step_size``, ``--adv_p_norm``, ``--adv_alpha``), ``smart_mu=1.0``,
           ``smart_beta=0.99`` (Jiang et al., 2020).
         - neftune: ``neftune_alpha=5.0`` (Jain et al., 2023); output mode only.
-        - awp: ``adv_lr=1.0``, ``adv_eps=0.2`` (the AWP class Kaggle NLP solutions
-          share), ``objective="adv"`` (Wu et al.: the update uses the loss at the
+        - awp: ``adv_lr=0.005`` (Wu et al.'s gamma: ``||delta_w|| = gamma ||w||`` per
+          layer), ``adv_eps=0.2`` (the band of the AWP class Kaggle NLP solutions
+          share; its ``adv_lr=1`` collapses training from scratch), ``objective="adv"`` (Wu et al.: the update uses the loss at the
           perturbed weights); mode ``"weights"``.
 
     Example:
@@ -346,6 +347,6 @@ def make_config(
         smart_mu=knob("smart_mu", smart_mu, 1.0, _check_nonnegative),
         smart_beta=knob("smart_beta", smart_beta, 0.99, _check_fraction),
         neftune_alpha=knob("neftune_alpha", neftune_alpha, 5.0),
-        adv_lr=knob("adv_lr", adv_lr, 1.0),
+        adv_lr=knob("adv_lr", adv_lr, 0.005),
         adv_eps=knob("adv_eps", adv_eps, 0.2),
     )

@@ -106,7 +106,7 @@ def wrap(
         smart_mu: weight of SMART's proximal term (default 1.0; 0 turns it off).
         smart_beta: momentum of SMART's teacher (default 0.99).
         neftune_alpha: NEFTune's alpha (default 5.0).
-        adv_lr: AWP's relative step (default 1.0).
+        adv_lr: AWP's relative step (default 0.005, Wu et al.'s gamma).
         adv_eps: AWP's relative elementwise bound (default 0.2).
         A knob the chosen method does not read raises ``ValueError``.
 

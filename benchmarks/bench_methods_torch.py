@@ -131,7 +131,7 @@ def main() -> None:
         ("advgraph r3f", dict(method="r3f"), pair),
         ("advgraph smart", dict(method="smart"), pair),
         ("advgraph neftune", dict(method="neftune"), lambda m: out_of(m).loss),
-        ("advgraph awp", dict(method="awp", target=""), lambda m: out_of(m).loss),
+        ("advgraph awp", dict(method="awp", target="", adv_lr=1.0, adv_eps=0.2), lambda m: out_of(m).loss),
     ]:
         wrapped = advgraph.wrap(copy.deepcopy(base), **kwargs)
         add(name, wrapped, lambda m, c=closure: m.adversarial_step(lambda: c(m)))
