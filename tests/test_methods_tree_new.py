@@ -109,3 +109,15 @@ def test_neftune_scales_each_call_by_its_own_length():
         scale = 3.0 / np.sqrt(n * 4)
         assert np.abs(d).max() <= scale + 1e-12
         assert np.abs(d).max() > 0.5 * scale
+
+
+def test_ops_clip_to_clamps_to_a_symmetric_band():
+    from advgraph._ops import ops_for
+
+    x = np.array([-3.0, -0.5, 0.0, 0.5, 2.0])
+    bound = np.array([1.0, 1.0, 0.0, 0.25, 5.0])
+    expected = np.array([-1.0, -0.5, 0.0, 0.25, 2.0])
+    np.testing.assert_array_equal(ops_for(x).clip_to(x, bound), expected)
+    torch = __import__("pytest").importorskip("torch")
+    t = torch.from_numpy(x)
+    np.testing.assert_array_equal(ops_for(t).clip_to(t, torch.from_numpy(bound)).numpy(), expected)

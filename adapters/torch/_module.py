@@ -329,7 +329,7 @@ class AdversarialModule:
 
     @property
     def advgraph_route(self) -> str:
-        """How the perturbation was installed: ``fx``, ``fx-submodule``, ``hook`` or ``matrix``."""
+        """How the perturbation was installed: ``fx``, ``fx-submodule``, ``hook``, ``matrix`` or ``weights`` (awp)."""
         return _state(self).route
 
     @property
