@@ -518,3 +518,28 @@ def test_keras_models_get_a_clear_error_until_the_keras_sites_exist(method, monk
     monkeypatch.setattr(wrap_module, "_keras_has", lambda method: False)
     with pytest.raises(ValueError, match="Keras adapter does not implement it yet"):
         advgraph.wrap(object(), method=method)
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_smart_teacher_moves_once_per_optimizer_step_not_per_micro_batch(mode):
+    beta = 0.5
+    torch.manual_seed(0)
+    model = MeanPool()
+    wrapped = advgraph.wrap(model, mode=mode, method="smart", smart_beta=beta, alpha=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = data(6)
+
+    def closure():
+        out = wrapped(x)
+        return F.cross_entropy(out, y), out
+
+    teacher = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(2):
+        for _micro in range(3):  # gradient accumulation: three micro-batches, one step
+            wrapped.adversarial_step(closure)
+            values = wrapped.__dict__["_advgraph"].teacher.values
+            for name, value in values.items():
+                torch.testing.assert_close(value, teacher[name], rtol=1e-6, atol=1e-7, msg=name)
+        opt.step()
+        opt.zero_grad()
+        teacher = {n: beta * teacher[n] + (1 - beta) * p.detach() for n, p in model.named_parameters()}

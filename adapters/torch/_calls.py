@@ -143,19 +143,29 @@ class SiteCalls:
 
 
 class Teacher:
-    """SMART's momentum teacher: one tensor per trainable parameter of the host."""
+    """SMART's momentum teacher: one tensor per trainable parameter of the host.
+
+    It moves once per optimizer step, not once per micro-batch: an update is skipped
+    when no trainable parameter was modified in place since the last one (PyTorch's
+    version counters; the optimizers update parameters in place). Parameters the
+    site itself edits (the embedding weight in matrix mode) are not consulted.
+    """
 
     def __init__(self) -> None:
         self.values: dict[str, torch.Tensor] | None = None
+        self.versions: dict[str, int] = {}
 
-    def update(self, host: nn.Module, beta: float) -> None:
+    def update(self, host: nn.Module, beta: float, own: tuple[Any, ...] = ()) -> None:
         params = {n: p for n, p in host.named_parameters() if p.requires_grad}
+        watched = {n: p for n, p in params.items() if not any(p is o for o in own)} or params
+        versions = {n: p._version for n, p in watched.items()}
         with torch.no_grad():
             if self.values is None or set(self.values) != set(params):
                 self.values = {n: p.detach().clone() for n, p in params.items()}
-                return
-            for name, value in self.values.items():
-                value.mul_(beta).add_(params[name].detach().to(value.dtype), alpha=1.0 - beta)
+            elif versions != self.versions:
+                for name, value in self.values.items():
+                    value.mul_(beta).add_(params[name].detach().to(value.dtype), alpha=1.0 - beta)
+        self.versions = versions
 
 
 class _ClosureModule(nn.Module):
@@ -201,7 +211,8 @@ class RunnerCalls:
         return state.teacher
 
     def update_teacher(self, beta: float) -> None:
-        self._teacher().update(self.host, beta)
+        own = getattr(self.site, "weight", None)  # type: ignore[attr-defined]
+        self._teacher().update(self.host, beta, () if own is None else (own,))
 
     def forward_only(self, closure: Callable[[], Any], *, teacher: bool = False) -> Any:
         with torch.no_grad():
