@@ -141,7 +141,9 @@ class Site(Protocol):
     def update_teacher(self, beta: float) -> None:
         """SMART's momentum teacher: ``theta~ <- beta * theta~ + (1 - beta) * theta``
         over the trainable parameters; the first call sets ``theta~ <- theta``.
-        The teacher lives with the wrapped model, outside its parameters."""
+        The teacher lives with the wrapped model, outside its parameters. It moves
+        once per optimizer step: a call when the parameters did not change since the
+        last one (a further micro-batch of gradient accumulation) leaves it alone."""
 
     def token_mask(self, like: Array) -> Array | None:
         """Inside a delta function: 1.0 for real tokens, 0.0 for padding, shaped
