@@ -107,3 +107,26 @@ def test_trainer_step_equals_adversarial_step_by_hand(tmp_path, method):
                 p -= 0.1 * p.grad
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_neftune_on_a_hf_model_knows_padding_from_padding_idx():
+    """No mask passed: BERT's word embedding has padding_idx = pad_token_id = 0."""
+    model = tiny_bert()
+    plain = copy.deepcopy(model)
+    wrapped = advgraph.wrap(model, method="neftune", neftune_alpha=5.0)
+    assert wrapped.advgraph_route == "fx-submodule"
+    seen = []
+    handle = model.bert.embeddings.word_embeddings.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    data = PaddedDataset()
+    batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in data[0]}
+    wrapped.train()
+    wrapped.adversarial_step(lambda: wrapped(**batch).loss)
+    handle.remove()
+    noise = seen[0] - plain.bert.embeddings.word_embeddings(batch["input_ids"]).detach()
+    pad = batch["input_ids"] == 0
+    assert pad.any()
+    assert torch.all(noise[pad] == 0)
+    lengths = (~pad).sum(1).float()
+    bound = 5.0 / torch.sqrt(lengths * noise.shape[-1])
+    assert torch.all(noise.abs().amax(dim=(1, 2)) <= bound + 1e-6)
+    assert torch.all(noise.abs().amax(dim=(1, 2)) > 0.5 * bound)
