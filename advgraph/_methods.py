@@ -5,7 +5,10 @@ every method here then runs on it unchanged. A method performs every
 forward/backward pass of one training step and returns the clean loss.
 
 Passes per training step: fgm/fgsm 2, pgd ``steps + 1``, freelb ``steps``,
-vat ``1 + steps + 1`` (``steps`` power iterations).
+vat ``1 + steps + 1`` (``steps`` power iterations), gp 1 (one forward, a double
+backward), r3f 1 (two forwards, one backward through both), smart ``steps + 1``
+(plus one or two forwards without backward: the clean logits and the teacher),
+neftune 1, awp 2. :func:`passes` counts the calls that backpropagate.
 """
 
 from __future__ import annotations
@@ -99,6 +102,60 @@ class Site(Protocol):
     def record(self, result: DeltaResult) -> None:
         """Count skipped (zero / non-finite) gradients of a delta computation."""
 
+    # -- calls added for gp, r3f, smart, neftune and awp --------------------------
+    # Each is one self-contained pass, so that a functional backend (JAX) runs it as
+    # one traced function; none keeps a graph alive between calls.
+
+    def penalty_backward(self, closure: Closure, penalty: Callable[[Array], Array]) -> Any:
+        """gp: a forward, then a backward of ``loss + penalty(g)`` into the parameters.
+
+        ``g`` is the gradient of the closure's loss at the site (the tree
+        :meth:`site_grad` would give), kept differentiable (PyTorch:
+        ``create_graph=True``; TF: a nested tape; JAX: a grad inside the grad), so
+        the penalty's own gradient reaches the parameters (a double backward).
+        Returns the loss, detached. Why: a penalty on the gradient cannot be built
+        from passes that each end in a backward.
+        """
+
+    def joint_backward(
+        self, closure: Closure, deltas: Any, objective: Callable[[list[Any]], Array]
+    ) -> Any:
+        """r3f / smart: several forwards, one backward through all of them.
+
+        Runs ``closure`` once per entry of ``deltas`` (``None``: no delta; else an
+        array or a function as :meth:`set_delta` takes), in order, each under its
+        own delta, keeping every output differentiable; then backpropagates
+        ``objective(outputs)`` (a scalar) into the parameters and removes the
+        delta. Returns the objective, detached. Why: R3F's and SMART's regularisers
+        take gradients through the clean and the perturbed forward at once.
+        """
+
+    def forward_only(self, closure: Closure, *, teacher: bool = False) -> Any:
+        """A forward without backward (no gradient recorded); the closure's output,
+        detached. ``teacher=True``: with the teacher's parameter values (see
+        :meth:`update_teacher`) instead of the model's, the model untouched (PyTorch:
+        ``torch.func.functional_call``). Why: SMART's fixed clean distribution for
+        its ascent and its teacher's outputs need no backward.
+        """
+
+    def update_teacher(self, beta: float) -> None:
+        """SMART's momentum teacher: ``theta~ <- beta * theta~ + (1 - beta) * theta``
+        over the trainable parameters; the first call sets ``theta~ <- theta``.
+        The teacher lives with the wrapped model, outside its parameters. It moves
+        once per optimizer step: a call when the parameters did not change since the
+        last one (a further micro-batch of gradient accumulation) leaves it alone."""
+
+    def token_mask(self, like: Array) -> Array | None:
+        """Inside a delta function: 1.0 for real tokens, 0.0 for padding, shaped
+        like ``like`` with a last axis of 1, for the forward in progress; ``None``
+        when the site cannot tell (then every position counts as a token). Why:
+        NEFTune scales its noise by each sequence's real length."""
+
+    def site_values(self) -> Array:
+        """AWP (a site made of weights): the current values at the site, the same
+        tree as :meth:`site_grad` (one array per perturbed parameter). Why: AWP's
+        delta is relative to the weights (``||w||``, ``|w|``)."""
+
 
 def _direction(site: Site, grad: Array, size: float, config: AdversarialConfig) -> Array:
     """``size * g / ||g||`` (l2) or ``size * sign(g)`` (linf), skips recorded.
@@ -123,8 +180,17 @@ def _project(delta: Array, eps: float, config: AdversarialConfig) -> Array:
     )
 
 
+_LEGACY = ("fgm", "fgsm", "pgd", "freelb", "vat")
+
+
 def single_delta(site: Site, config: AdversarialConfig) -> Array:
     """The FGM/FGSM delta from the site's last gradient (for ``perturbed()``)."""
+    if config.method not in _LEGACY:
+        raise ValueError(
+            "perturbed() is the hand-written FGM loop (a delta of size epsilon from the "
+            f"last backward); method={config.method!r} runs its passes through "
+            f"adversarial_step() only. {received(method=config.method)}"
+        )
     return _direction(site, site.site_grad(), config.epsilon, config)
 
 
@@ -333,12 +399,278 @@ def vat_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
     return clean_loss if clean_loss is not None else vat_loss
 
 
+# --------------------------------------------------------------------------- new methods
+
+
+def _split_pair(out: Any, method: str) -> tuple[Any, Any]:
+    if not (isinstance(out, tuple) and len(out) == 2 and hasattr(out[1], "shape")):
+        raise TypeError(
+            f"method={method!r}: the closure returns `(loss, logits)` (its regulariser "
+            f"compares output distributions). {received(closure_returned=_describe_out(out))}"
+        )
+    return out
+
+
+def _describe_out(out: Any) -> str:
+    if isinstance(out, tuple):
+        return f"tuple of {len(out)}"
+    return type(out).__name__
+
+
+def _count(ops: Ops, x: Array, axes: tuple[int, ...]) -> Array:
+    return ops.sum(ops.widen(ops.zeros_like(x)) + 1.0, axes)
+
+
+def _kl(ops: Ops, log_p: Array, log_q: Array) -> Array:
+    """sum over every entry of p * (log p - log q)."""
+    every = tuple(range(ops.ndim(log_p)))
+    return ops.reshape(ops.sum(ops.exp(log_p) * (log_p - log_q), every), ())
+
+
+def _symmetric_kl(ops: Ops, a: Array, b: Array, *, detach_targets: bool) -> Array:
+    """``(KL(p_a || p_b) + KL(p_b || p_a)) / batch``, summed over classes (and positions).
+
+    ``detach_targets=False``: gradients through both distributions of both terms
+    (fairseq's R3F). ``True``: each KL's first argument is held fixed (mt-dnn's
+    ``SymKlCriterion``: ``kl_div(log p_b, p_a.detach()) + kl_div(log p_a, p_b.detach())``).
+    """
+    log_a, log_b = _log_softmax(ops, a), _log_softmax(ops, b)
+    if detach_targets:
+        forward = _kl(ops, ops.stop_gradient(log_a), log_b)
+        backward = _kl(ops, ops.stop_gradient(log_b), log_a)
+    else:
+        forward, backward = _kl(ops, log_a, log_b), _kl(ops, log_b, log_a)
+    every = tuple(range(ops.ndim(a)))
+    rest = tuple(range(1, ops.ndim(a)))
+    batch = ops.reshape(_count(ops, a, every) / _count(ops, a, rest)[:1], ())
+    return (forward + backward) / batch
+
+
+def gp_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
+    """Gradient penalty: 1 pass (a forward and a double backward).
+
+    ``loss + epsilon / 2 * ||dL/de||^2`` with ``e`` the site (output mode: the
+    embedding's activations; matrix mode: the rows the batch touched), summed
+    over every entry (and every call of the target). As bert4torch's adversarial
+    callback and the Keras recipe of Su Jianlin ("gradient penalty", 2020).
+    """
+    half = config.epsilon / 2.0  # type: ignore[operator]
+
+    def penalty(grad: Array) -> Array:
+        total = None
+        for g in _leaves(grad):
+            ops = ops_for(g)
+            w = ops.widen(g)
+            part = ops.reshape(ops.sum(w * w, tuple(range(ops.ndim(w)))), ())
+            total = part if total is None else total + part
+        return total * half
+
+    return site.penalty_backward(closure, penalty)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, tuple):
+        return [leaf for part in tree for leaf in _leaves(part)]
+    return [tree]
+
+
+def _noise(config: AdversarialConfig, kind: str) -> Callable[[Array], Array]:
+    def draw(like: Array) -> Array:
+        ops = ops_for(like)
+        if kind == "uniform":
+            z = ops.uniform_like(like, -config.noise_eps, config.noise_eps)
+        else:
+            z = ops.normal_like(like) * config.noise_eps
+        return ops.cast(z, ops.dtype(like))
+
+    return draw
+
+
+def r3f_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
+    """R3F: 1 pass of two forwards (Aghajanyan et al., "Better Fine-Tuning by
+    Reducing Representational Collapse", ICLR 2021; fairseq
+    ``examples/rxf/rxf_src/sentence_prediction_r3f.py``).
+
+    The closure returns ``(loss, logits)``. Clean forward, and a forward at
+    ``e + z`` with ``z ~ U(-noise_eps, noise_eps)`` (or ``N(0, noise_eps^2)``);
+    one backward of ``loss + r3f_lambda * (KL(p || p_z) + KL(p_z || p)) / batch``
+    (KL summed over classes) with gradients through both forwards. No ascent
+    step. Returns the clean loss.
+    """
+    box: dict[str, Any] = {}
+
+    def objective(outs: list[Any]) -> Array:
+        loss, logits = _split_pair(outs[0], "r3f")
+        _, noised = _split_pair(outs[1], "r3f")
+        ops = ops_for(logits)
+        box["loss"] = ops.stop_gradient(loss)
+        return loss + config.r3f_lambda * _symmetric_kl(ops, noised, logits, detach_targets=False)
+
+    site.joint_backward(closure, [None, _noise(config, config.noise_type)], objective)
+    return box["loss"]
+
+
+def _smart_normalise(site: Site, noise: Array, grad: Array, config: AdversarialConfig) -> Array:
+    """``v / (max|v| + 1e-6)`` per token (``norm="l2"``: ``v / (||v|| + 1e-6)``),
+    ``v = noise + alpha * g`` over the last axis, as mt-dnn's ``_norm_grad``. A
+    zero or non-finite gradient gives delta = 0 (counted)."""
+    ops = ops_for(grad)
+    g = ops.widen(grad)
+    every = tuple(range(ops.ndim(g)))
+    finite = ops.reshape(ops.amax(ops.abs(g), every), ())  # NaN/inf propagate
+    nonfinite = ops.logical_not(ops.isfinite(finite))
+    zero = ops.logical_and(ops.logical_not(nonfinite), finite == 0)
+    site.record(DeltaResult(grad, nonfinite, zero))
+    v = ops.widen(noise) + config.alpha * ops.where(ops.isfinite(g), g, ops.zeros_like(g))
+    last = (ops.ndim(v) - 1,)
+    if config.norm == "linf":
+        size = ops.amax(ops.abs(v), last)
+    else:
+        size = ops.sqrt(ops.sum(v * v, last))
+    out = v / (size + 1e-6)
+    ok = ops.logical_and(ops.logical_not(nonfinite), ops.logical_not(zero))
+    out = ops.where(ok, out, ops.zeros_like(out))
+    return ops.cast(out, ops.dtype(grad))
+
+
+def smart_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
+    """SMART: ``steps + 1`` passes plus forwards without backward (Jiang et al.,
+    "SMART: Robust and Efficient Fine-Tuning for Pre-trained Natural Language
+    Models through Principled Regularized Optimization", ACL 2020; official code
+    ``namisan/mt-dnn``, ``mt_dnn/perturbation.py``).
+
+    The closure returns ``(loss, logits)``.
+
+    1. Teacher (``smart_mu > 0``): ``theta~ <- beta theta~ + (1 - beta) theta`` (the
+       first step copies ``theta``), then a forward with ``theta~`` (no backward).
+    2. A forward without backward: the clean logits, held fixed for the ascent.
+    3. noise ``N(0, noise_eps^2)``; ``steps`` times: a pass on the symmetric KL
+       between the fixed clean and the noisy distribution, gradient ``g`` at the
+       site, ``noise <- (noise + alpha g) / (max|noise + alpha g| + 1e-6)`` per
+       token (mt-dnn's inf-norm normalisation; ``norm="l2"``: the l2 norm).
+    4. One backward through a clean and a noisy forward of
+       ``loss + smart_lambda * SymKL(clean, noisy) + smart_mu * SymKL(clean, teacher)``
+       (mt-dnn's ``SymKlCriterion``: each KL's target held fixed; the teacher is
+       constant). Returns the clean loss.
+    """
+    teacher = None
+    if config.smart_mu > 0:
+        site.update_teacher(config.smart_beta)
+        _, teacher = _split_pair(site.forward_only(closure, teacher=True), "smart")
+    _, fixed = _split_pair(site.forward_only(closure), "smart")
+    ops = ops_for(fixed)
+    box: dict[str, Any] = {}
+    starts: list[Array] = []
+
+    def noisy_kl() -> Array:
+        _, logits = _split_pair(closure(), "smart")
+        return _symmetric_kl(ops, fixed, logits, detach_targets=False)
+
+    def start(like: Array) -> Array:
+        starts.append(_noise(config, "normal")(like))
+        return starts[-1]
+
+    site.set_delta(start)
+    try:
+        for _ in range(config.steps):
+            site.forward_backward(noisy_kl, param_grads=False)
+            grad = site.site_grad()
+            if "noise" not in box:
+                box["noise"] = tuple(starts[-len(grad):]) if isinstance(grad, tuple) else starts[-1]
+            box["noise"] = tree_map(
+                lambda n, g: _smart_normalise(site, n, g, config), box["noise"], grad
+            )
+            site.set_delta(box["noise"])
+    finally:
+        site.clear()
+
+    def objective(outs: list[Any]) -> Array:
+        loss, clean = _split_pair(outs[0], "smart")
+        _, noisy = _split_pair(outs[1], "smart")
+        box["loss"] = ops.stop_gradient(loss)
+        total = loss + config.smart_lambda * _symmetric_kl(ops, clean, noisy, detach_targets=True)
+        if teacher is not None:
+            total = total + config.smart_mu * _symmetric_kl(ops, clean, teacher, detach_targets=False)
+        return total
+
+    site.joint_backward(closure, [None, box["noise"]], objective)
+    return box["loss"]
+
+
+def neftune_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
+    """NEFTune: 1 pass (Jain et al., "NEFTune: Noisy Embeddings Improve Instruction
+    Finetuning", 2023).
+
+    The forward runs with ``U(-1, 1) * neftune_alpha / sqrt(L_i * d)`` added to the
+    embedding's output, ``L_i`` the number of real tokens of sequence ``i`` and
+    ``d`` the embedding width; padding positions get no noise
+    (:meth:`Site.token_mask`; without a mask every position counts, as in
+    HuggingFace's hook). Returns the loss of that forward.
+    """
+
+    def noise(like: Array) -> Array:
+        ops = ops_for(like)
+        mask = site.token_mask(like)
+        nd = ops.ndim(like)
+        dim = _count(ops, like, (nd - 1,))  # d at every position
+        if mask is None:
+            mask = ops.widen(ops.zeros_like(like))[..., :1] + 1.0
+        mask = ops.widen(ops.cast(mask, ops.dtype(ops.widen(like))))
+        length = ops.sum(mask, tuple(range(1, nd - 1)))  # real tokens per sequence
+        length = ops.where(length > 0, length, length + 1.0)
+        scale = config.neftune_alpha / ops.sqrt(length * dim)
+        out = ops.uniform_like(like, -1.0, 1.0) * scale * mask
+        return ops.cast(out, ops.dtype(like))
+
+    site.set_delta(noise)
+    try:
+        return site.forward_backward(closure, param_grads=True, keep_grad=False)
+    finally:
+        site.clear()
+
+
+def _awp_delta(site: Site, grad: Array, weight: Array, config: AdversarialConfig) -> Array:
+    ops = ops_for(grad)
+    unit = compute_delta(grad, 1.0, norm="l2", per_sample=False)
+    site.record(unit)
+    w = ops.widen(weight)
+    norm_w = ops.sqrt(ops.sum(w * w, tuple(range(ops.ndim(w)))))
+    delta = ops.widen(unit.delta) * (config.adv_lr * norm_w)
+    return ops.cast(ops.clip_to(delta, ops.abs(w) * config.adv_eps), ops.dtype(weight))
+
+
+def awp_step(site: Site, closure: Closure, config: AdversarialConfig) -> Any:
+    """AWP: 2 passes (Wu et al., "Adversarial Weight Perturbation Helps Robust
+    Generalization", NeurIPS 2020; the one-step form of Kaggle NLP solutions).
+
+    The site is a set of weights. Clean pass: ``g`` per parameter (and, for
+    ``objective="clean+adv"``, the parameter gradients). Then per parameter
+    ``delta_w = adv_lr * ||w|| * g / ||g||``, clamped to ``|delta_w| <= adv_eps *
+    |w|`` elementwise; one pass at ``w + delta_w`` accumulates the parameter
+    gradients; the weights are restored bit for bit.
+    """
+    clean_loss = site.forward_backward(closure, param_grads=config.objective == "clean+adv")
+    grad = site.site_grad()
+    weights = site.site_values()
+    site.set_delta(tree_map(lambda g, w: _awp_delta(site, g, w, config), grad, weights))
+    try:
+        site.forward_backward(closure, param_grads=True, keep_grad=False)
+    finally:
+        site.clear()
+    return clean_loss
+
+
 _STEPS: dict[str, Callable[[Site, Closure, AdversarialConfig], Any]] = {
     "fgm": fgm_step,
     "fgsm": fgm_step,
     "pgd": pgd_step,
     "freelb": freelb_step,
     "vat": vat_step,
+    "gp": gp_step,
+    "r3f": r3f_step,
+    "smart": smart_step,
+    "neftune": neftune_step,
+    "awp": awp_step,
 }
 
 
@@ -353,6 +685,12 @@ def passes(config: AdversarialConfig) -> int:
         return config.steps + 1
     if config.method == "freelb":
         return config.steps
+    if config.method in ("gp", "r3f", "neftune"):
+        return 1
+    if config.method == "smart":
+        return config.steps + 1  # ascent passes, the joint pass
+    if config.method == "awp":
+        return 2
     return config.steps + 2  # vat: clean pass, power iterations, adversarial pass
 
 

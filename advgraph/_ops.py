@@ -67,6 +67,10 @@ class Ops:
     def clip(self, x: Array, low: float, high: float) -> Array:
         raise NotImplementedError
 
+    def clip_to(self, x: Array, bound: Array) -> Array:
+        """``x`` clamped elementwise to ``[-bound, bound]`` (``bound >= 0``, an array)."""
+        return self.where(x > bound, bound, self.where(x < -bound, -bound, x))
+
     def zeros_like(self, x: Array) -> Array:
         raise NotImplementedError
 
@@ -214,6 +218,11 @@ class _ArrayApiOps(Ops):
             return x.clamp(low, high)
         return self.xp.clip(x, low, high)
 
+    def clip_to(self, x: Array, bound: Array) -> Array:
+        if self.name == "torch":
+            return x.clamp(-bound, bound)
+        return self.xp.minimum(self.xp.maximum(x, -bound), bound)
+
     def zeros_like(self, x: Array) -> Array:
         return self.xp.zeros_like(x)
 
@@ -339,6 +348,9 @@ class _TensorFlowOps(Ops):
 
     def clip(self, x: Array, low: float, high: float) -> Array:
         return self.tf.clip_by_value(x, low, high)
+
+    def clip_to(self, x: Array, bound: Array) -> Array:
+        return self.tf.clip_by_value(x, -bound, bound)
 
     def zeros_like(self, x: Array) -> Array:
         return self.tf.zeros_like(x)

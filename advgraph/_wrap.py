@@ -11,12 +11,16 @@ from __future__ import annotations
 import sys
 from typing import Any, TypeVar
 
-from advgraph._config import make_config
+from advgraph._config import UNSET, make_config
 from advgraph._errors import received
 
 __all__ = ["wrap", "unwrap", "is_wrapped"]
 
 M = TypeVar("M")
+
+# Methods whose Site calls the Keras adapter does not implement yet (see the Site
+# protocol in advgraph/_methods.py); PyTorch runs them all.
+_KERAS_PENDING = ("gp", "r3f", "smart", "neftune", "awp")
 
 
 def _framework_of(model: Any) -> str | None:
@@ -44,7 +48,7 @@ def wrap(
     mode: str = "output",
     *,
     method: str = "fgm",
-    epsilon: float | None = 1.0,
+    epsilon: float | None = UNSET,
     norm: str | None = None,
     per_sample: bool | None = None,
     steps: int | None = None,
@@ -54,20 +58,38 @@ def wrap(
     init_mag: float | None = None,
     xi: float | None = None,
     vat_weight: float | None = None,
+    noise_eps: float | None = None,
+    noise_type: str | None = None,
+    r3f_lambda: float | None = None,
+    smart_lambda: float | None = None,
+    smart_mu: float | None = None,
+    smart_beta: float | None = None,
+    neftune_alpha: float | None = None,
+    adv_lr: float | None = None,
+    adv_eps: float | None = None,
 ) -> M:
     """Add embedding-level adversarial training to a PyTorch or Keras model.
 
     Args:
         model: a ``torch.nn.Module`` or a compiled ``keras.Model``.
         target: ``"embedding"`` (the input word embedding), a dotted module path /
-            layer name, or the module / layer object itself.
+            layer name, or the module / layer object itself. ``method="awp"``: the
+            module(s) whose weights are perturbed -- a path, a module, or a list of
+            them; the model itself (or ``""``) means every module. Every parameter
+            named ``weight`` under them that requires grad is perturbed.
         mode: ``"output"``: delta on the embedding's output, one per sample (Miyato
             et al.). ``"matrix"``: delta on the embedding matrix rows the batch
             touched, shared by every occurrence of a token (the classic Keras recipe).
         method: ``"fgm"`` (l2, default), ``"fgsm"`` (linf sign), ``"pgd"`` (Madry et
-            al.), ``"freelb"`` (Zhu et al.) or ``"vat"`` (Miyato et al., label-free;
-            the closure returns ``logits`` or ``(loss, logits)``).
-        epsilon: radius of the perturbation (FreeLB: max norm, ``None`` = unbounded).
+            al.), ``"freelb"`` (Zhu et al.), ``"vat"`` (Miyato et al., label-free;
+            the closure returns ``logits`` or ``(loss, logits)``), ``"gp"``
+            (gradient penalty), ``"r3f"`` (Aghajanyan et al.) and ``"smart"``
+            (Jiang et al.; both: the closure returns ``(loss, logits)``),
+            ``"neftune"`` (Jain et al.; output mode) or ``"awp"`` (Wu et al.;
+            adversarial weight perturbation). See README's method table.
+        epsilon: radius of the perturbation (FreeLB: max norm, ``None`` =
+            unbounded; gp: the penalty weight). Default 1.0; not read by r3f,
+            smart, neftune, awp.
         norm: ``"l2"`` or ``"linf"``; default from the method.
         per_sample: normalise per sample; default True for output, False for matrix.
         steps: pgd/freelb ascent steps (default 3); vat power iterations (default 1).
@@ -79,6 +101,15 @@ def wrap(
         init_mag: freelb random-start magnitude (default 0.1).
         xi: vat power-iteration scale (default 0.1).
         vat_weight: weight of the VAT term (default 1.0).
+        noise_eps: r3f / smart noise size (default 1e-5).
+        noise_type: r3f noise, ``"uniform"`` (default) or ``"normal"``.
+        r3f_lambda: weight of R3F's symmetric KL (default 1.0).
+        smart_lambda: weight of SMART's smoothness term (default 1.0).
+        smart_mu: weight of SMART's proximal term (default 1.0; 0 turns it off).
+        smart_beta: momentum of SMART's teacher (default 0.99).
+        neftune_alpha: NEFTune's alpha (default 5.0).
+        adv_lr: AWP's relative step (default 0.005, Wu et al.'s gamma).
+        adv_eps: AWP's relative elementwise bound (default 0.2).
         A knob the chosen method does not read raises ``ValueError``.
 
     Returns:
@@ -121,8 +152,27 @@ def wrap(
         init_mag=init_mag,
         xi=xi,
         vat_weight=vat_weight,
+        noise_eps=noise_eps,
+        noise_type=noise_type,
+        r3f_lambda=r3f_lambda,
+        smart_lambda=smart_lambda,
+        smart_mu=smart_mu,
+        smart_beta=smart_beta,
+        neftune_alpha=neftune_alpha,
+        adv_lr=adv_lr,
+        adv_eps=adv_eps,
     )
+    if framework == "keras" and config.method in _KERAS_PENDING and not _keras_has(config.method):
+        raise ValueError(
+            f"method={config.method!r} runs on the PyTorch adapter; the Keras adapter does "
+            f"not implement it yet. {received(method=config.method, framework='keras')}"
+        )
     return _adapter(framework).wrap(model, target, config)
+
+
+def _keras_has(method: str) -> bool:
+    """Whether the Keras adapter says it runs ``method`` (``SUPPORTED_METHODS``)."""
+    return method in getattr(_adapter("keras"), "SUPPORTED_METHODS", ())
 
 
 def unwrap(model: M) -> M:

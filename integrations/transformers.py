@@ -29,6 +29,11 @@ How it hooks in (tested with transformers 5.23 and accelerate 1.15):
   ``engine.step()``), so ZeRO keeps the clean pass's gradients; the Trainer's own
   ``no_sync`` / accumulation micro-batches are respected.
 - Evaluation and prediction are untouched (no perturbation is active there).
+- Methods that compare output distributions (``vat``, ``r3f``, ``smart``) get the
+  logits of each pass from the model's output (``outputs.logits``), so the closure
+  contract ``(loss, logits)`` holds without a custom ``compute_loss``. Their
+  regulariser is not divided by ``gradient_accumulation_steps`` as the loss is.
+  ``neftune`` takes the batch's ``attention_mask`` as its token mask.
 
 For a Trainer subclass of your own (e.g. from TRL), put the mixin first:
 ``class MyAdversarialTrainer(AdversarialTrainerMixin, MyTrainer): ...``.
@@ -54,6 +59,7 @@ import advgraph  # noqa: E402
 
 __all__ = ["AdversarialTrainer", "AdversarialTrainerMixin"]
 
+_NEEDS_LOGITS = ("vat", "r3f", "smart")
 _WRAP_OPTIONS = tuple(p for p in inspect.signature(advgraph.wrap).parameters if p != "model")
 
 
@@ -214,7 +220,30 @@ class AdversarialTrainerMixin:
         if getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
             backward.advgraph_before_last = _not_a_boundary(accelerator, backward)  # type: ignore[attr-defined]
 
-        return wrapped.adversarial_step(closure, backward=backward)
+        method = wrapped.advgraph_config.method
+        mask = inputs.get("attention_mask") if method == "neftune" else None
+        if method not in _NEEDS_LOGITS:
+            return wrapped.adversarial_step(closure, backward=backward, mask=mask)
+
+        def keep_logits(module: nn.Module, args: Any, output: Any) -> None:
+            captured["logits"] = getattr(output, "logits", None)
+
+        def closure_with_logits() -> tuple[torch.Tensor, torch.Tensor]:
+            loss = closure()
+            logits = captured.get("logits")
+            if not isinstance(logits, torch.Tensor):
+                raise TypeError(
+                    f"AdversarialTrainer: method={method!r} compares output distributions and "
+                    "reads `logits` from the model's output, which has none. "
+                    f"{received(output_logits=type(logits).__name__)}"
+                )
+            return loss, logits
+
+        handle = wrapped.register_forward_hook(keep_logits)
+        try:
+            return wrapped.adversarial_step(closure_with_logits, backward=backward)
+        finally:
+            handle.remove()
 
 
 class AdversarialTrainer(AdversarialTrainerMixin, transformers.Trainer):

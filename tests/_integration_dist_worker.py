@@ -343,6 +343,9 @@ SCENARIOS = {
         "wrap(DDP(model))", {"mode": "output", "method": "freelb", "steps": 2, "random_init": False}
     ),
     "ddp_b_matrix": lambda: ddp_run("DDP(wrap(model))", {"mode": "matrix", "epsilon": 0.5}),
+    "ddp_a_awp": lambda: ddp_run("wrap(DDP(model))", {"method": "awp", "target": "", "adv_lr": 0.05}),
+    "ddp_b_awp": lambda: ddp_run("DDP(wrap(model))", {"method": "awp", "target": "", "adv_lr": 0.05}),
+    "ddp_b_neftune": lambda: ddp_run("DDP(wrap(model))", {"method": "neftune"}),
     "ddp_hand_written": ddp_hand_written_loop,
     "ddp_gradient_accumulation": ddp_gradient_accumulation,
     "fsdp1_wrap_then_shard": lambda: fsdp_run("fsdp1", "wrap-then-shard"),

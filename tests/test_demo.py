@@ -159,7 +159,7 @@ def run_cli(*args, timeout=240):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--methods", "none,fgm,magic"], "--methods must be a comma-separated list of none, fgm, pgd, freelb, vat"),
+        (["--methods", "none,fgm,magic"], "--methods must be a comma-separated list of none, fgm, pgd, freelb, vat, gp, r3f, smart, neftune, awp"),
         (["--methods", "fgsm"], "fgsm is left out of the demo"),
         (["--methods", "fgm,fgm"], "each method once"),
         (["--epsilon", "-1"], "--epsilon must be a positive finite number. Received: epsilon='-1'"),

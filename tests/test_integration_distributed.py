@@ -89,6 +89,17 @@ def test_ddp_all_reduces_once_per_step_and_matches_single_process(ranks, name):
     assert r["diff_vs_single"] < TOLERANCE
 
 
+@pytest.mark.parametrize("name", ["ddp_b_neftune", "ddp_a_awp", "ddp_b_awp"])
+def test_ddp_local_delta_methods_one_all_reduce_per_step_and_identical_ranks(ranks, name):
+    # NEFTune draws its noise per rank; AWP's delta_w comes from each rank's own clean
+    # gradient (its sync is deferred, as every pass but the last): the update is not
+    # the single process's on the global batch, but the gradients are all-reduced once
+    # per step and the ranks stay identical (the weights restored on each rank).
+    r = result(ranks, name)
+    assert r["adv_steps"] == r["steps"] and r["allreduce_calls"] == r["steps"]
+    assert r["digests"][0] == r["digests"][1]
+
+
 def test_ddp_both_orders_give_the_same_parameters(ranks):
     assert result(ranks, "ddp_a_fgm")["digests"][0] == result(ranks, "ddp_b_fgm")["digests"][0]
 

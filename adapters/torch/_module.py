@@ -35,10 +35,12 @@ from advgraph._config import AdversarialConfig
 from advgraph._errors import AdvGraphWarning, received
 from advgraph._methods import passes, run_method, single_delta
 
+from ._calls import RunnerCalls
 from ._deepspeed import backward_before_last, check_backward
 from ._fx import SITE_ATTR, TraceRejected, rewrite_lookup, scalar_attributes
 from ._site import MatrixSite, OutputSite, Stats
 from ._target import find_lookups, find_target, sharing_weight
+from ._weights import WeightSite, awp_parameters
 
 logger = logging.getLogger("advgraph")
 
@@ -72,9 +74,13 @@ class _State:
     sharding: str | None = None
     handles: list[Any] = field(default_factory=list)
     sync: "_SyncDeferral | None" = None
+    teacher: Any = None  # SMART's momentum teacher (adapters/torch/_calls.py)
+    weights_route: bool = False  # method='awp': the site is a set of weights
 
     @property
     def route(self) -> str:
+        if self.weights_route:
+            return "weights"
         routes = sorted({lookup.route for lookup in self.lookups})
         return "+".join(routes) if routes else "none"
 
@@ -130,7 +136,7 @@ class _SyncDeferral:
         return new
 
 
-class _StepRunner:
+class _StepRunner(RunnerCalls):
     """The site as the method sees it during one ``adversarial_step``.
 
     Counts the passes: every pass but the last runs with DDP's gradient sync
@@ -161,7 +167,7 @@ class _StepRunner:
         return getattr(self.site, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("site", "sync", "backward", "passes", "done", "backward_before_last"):
+        if name in ("site", "sync", "backward", "passes", "done", "backward_before_last", "host"):
             object.__setattr__(self, name, value)
         else:
             setattr(self.site, name, value)
@@ -250,6 +256,7 @@ class AdversarialModule:
         closure: Callable[[], torch.Tensor],
         *,
         backward: Callable[[torch.Tensor], Any] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run every forward/backward pass of the method for one training step.
 
@@ -275,6 +282,10 @@ class AdversarialModule:
                 clean pass's gradients.
                 The passes that only need the gradient at the embedding use
                 ``torch.autograd.grad`` on the closure's loss.
+            mask: ``method="neftune"``: the batch's token mask, shape (batch,
+                sequence), nonzero for real tokens (e.g. ``attention_mask``); padding
+                gets no noise and does not count in the length. Without it, padding
+                is known from the embedding's ``padding_idx``, if it has one.
 
         Returns:
             The clean loss, detached.
@@ -298,12 +309,22 @@ class AdversarialModule:
             )
         if state.config.mode == "matrix":
             _refuse_sharded_matrix(state)
-        _follow(self, state)
+        if mask is not None:
+            _check_mask(state, mask)
+        if not state.weights_route:
+            _follow(self, state)
         if state.sync is None:  # a module wrapped before this field existed
             state.sync = _SyncDeferral()
         runner = _StepRunner(state.site, state.sync, backward, passes(state.config))
+        runner.host = self
         state.sync.deferred = 0
-        loss = run_method(runner, closure, state.config)
+        if mask is not None:
+            state.site.step_mask = mask
+        try:
+            loss = run_method(runner, closure, state.config)
+        finally:
+            if mask is not None:
+                state.site.step_mask = None
         if runner.done < runner.passes and state.sync.deferred:
             # The last pass ran with DDP's sync deferred: gradients were not all-reduced.
             raise RuntimeError(
@@ -330,7 +351,8 @@ class AdversarialModule:
             )
         if state.config.mode == "matrix":
             _refuse_sharded_matrix(state)
-        _follow(self, state)
+        if not state.weights_route:
+            _follow(self, state)
         # No local reference to delta: in matrix mode the site applies it in place and
         # keeps only the saved rows, so the block holds O(rows x d) once, not twice.
         site.set_delta(single_delta(site, state.config))
@@ -522,6 +544,7 @@ def _find(model: nn.Module, spec: Any, config: AdversarialConfig) -> tuple[str, 
         if sharding is not None:
             raise ValueError(_SHARDED_MATRIX + received(target=path, sharding=sharding))
         _check_matrix_target(model, path, module, lookups)
+        _refuse_tied_joint(model, path, module, config)
     return path, module, lookups, sharding
 
 
@@ -538,6 +561,12 @@ def _install_all(
         raise
     if isinstance(site, MatrixSite):
         site.lookups = [lookup.module for lookup in done]
+    if config.method == "neftune":
+        # NEFTune's padding: the ids of each call of a lookup and the target's padding_idx.
+        for lookup in done:
+            lookup.handles.append(lookup.module.register_forward_pre_hook(site.record_ids, with_kwargs=True))
+        first = done[0].module if done else None
+        site.padding_idx = getattr(first, "padding_idx", None)
     site.names = {
         "target": lookups[0][0] if lookups else "?",
         "sharing": sorted({p for _, m in lookups for p in sharing_weight(model, m)} - {lookups[0][0]}),
@@ -611,7 +640,78 @@ def _follow(model: nn.Module, state: _State) -> None:
     )
 
 
+def _check_mask(state: _State, mask: Any) -> None:
+    if state.config.method != "neftune":
+        raise ValueError(
+            "adversarial_step(mask=...) tells method='neftune' where the padding is; "
+            f"method={state.config.method!r} does not read it. {received(method=state.config.method)}"
+        )
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise TypeError(
+            "adversarial_step(mask=...) takes a (batch, sequence) tensor, nonzero for real "
+            f"tokens (e.g. attention_mask). {received(mask=getattr(mask, 'shape', mask))}"
+        )
+
+
+def _refuse_tied_joint(model: nn.Module, path: str, module: nn.Module, config: AdversarialConfig) -> None:
+    """r3f / smart in matrix mode run a clean and a perturbed forward before one
+    backward; the rows are edited in place in between, which autograd refuses when
+    another layer (a tied LM head) saved the same weight for its backward."""
+    if config.method not in ("r3f", "smart"):
+        return
+    lookups = {p for p, _ in find_lookups(model, path, module, every=True)} | {path}
+    tied = [
+        name
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if param is module.weight and name.rpartition(".")[0] not in lookups
+    ]
+    if tied:
+        raise ValueError(
+            f"method={config.method!r} in mode='matrix' backpropagates through a clean and a "
+            "perturbed forward at once, but the embedding weight is tied to another layer "
+            "that uses it after the rows are edited. Use mode='output'. "
+            + received(method=config.method, tied_to=", ".join(tied))
+        )
+
+
+def _wrap_weights(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module:
+    """method='awp': the site is the target's weights (adapters/torch/_weights.py)."""
+    path, named = awp_parameters(model, target)
+    for name, param in named:
+        why = _sharded_weight(param)
+        if why is not None:
+            raise ValueError(
+                "method='awp' edits the target's weights in place and restores them by "
+                "copying, which a sharded parameter (FSDP, ZeRO-3) does not allow. "
+                + received(parameter=name, sharding=why)
+            )
+    stats = Stats()
+    site = WeightSite(named, stats)
+    sync = _SyncDeferral()
+    handles = [model.register_forward_pre_hook(sync.before_forward)]
+    state = _State(
+        config=config,
+        site=site,
+        stats=stats,
+        target_path=path,
+        spec=target,
+        target=model,
+        weight=None,
+        lookups=[],
+        original_class=type(model),
+        handles=handles,
+        sync=sync,
+        weights_route=True,
+    )
+    model.__class__ = _wrapped_class(type(model))
+    model.__dict__["_advgraph"] = state
+    logger.info("advgraph: wrapped %s: method=awp, %d weights under %r", type(model).__name__, len(named), path)
+    return model
+
+
 def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module:
+    if config.method == "awp":
+        return _wrap_weights(model, target, config)
     path, module, lookups, sharding = _find(model, target, config)
     stats = Stats()
     site: Any = MatrixSite([m for _, m in lookups], stats) if config.mode == "matrix" else OutputSite(stats)

@@ -30,6 +30,7 @@ from advgraph._delta import DeltaResult
 from advgraph._errors import AdvGraphWarning, received
 
 from . import _taps
+from ._calls import SiteCalls
 
 
 class Stats:
@@ -86,7 +87,7 @@ _OWN_BACKWARD = (
 )
 
 
-class _Site:
+class _Site(SiteCalls):
     """What both sites share: number the target's calls, read their gradients."""
 
     mode = "abstract"

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from advgraph._demo.settings import DEFAULT_EPSILON, DEMO_METHODS, DemoError, DemoSettings
+from advgraph._demo.settings import DEFAULT_EPSILON, DEFAULT_METHODS, DEMO_METHODS, DemoError, DemoSettings
 from advgraph._errors import received
 
 __all__ = ["add_arguments", "settings_from_args", "run"]
@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where delta goes during training: output (the embedding's output, one "
                              "delta per sample) or matrix (the embedding rows the batch touched). "
                              "Default: output")
-    parser.add_argument("--methods", default=",".join(DEMO_METHODS), metavar="LIST",
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="LIST",
                         help=f"comma-separated, from {', '.join(DEMO_METHODS)} "
-                             f"(default: {','.join(DEMO_METHODS)}); 'none' is plain training")
+                             f"(default: {','.join(DEFAULT_METHODS)}); 'none' is plain training")
     parser.add_argument("--epsilon", default=None, metavar="E",
                         help="training epsilon of every adversarial method (default: "
                              + ", ".join(f"{v:g} for mode={k}" for k, v in DEFAULT_EPSILON.items())

@@ -11,11 +11,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DemoError", "DemoSettings", "DEMO_METHODS", "DEFAULT_EPSILON", "method_kwargs"]
+__all__ = [
+    "DemoError",
+    "DemoSettings",
+    "DEMO_METHODS",
+    "DEFAULT_METHODS",
+    "DEFAULT_EPSILON",
+    "method_kwargs",
+]
 
-# The methods the demo compares. "none" is plain training (the baseline). fgsm is
+# The methods the demo can compare. "none" is plain training (the baseline). fgsm is
 # left out: its epsilon is per coordinate (linf), not comparable with the others'.
-DEMO_METHODS = ("none", "fgm", "pgd", "freelb", "vat")
+# gp, r3f, smart, neftune and awp run with the library's defaults (they have no
+# epsilon-ball to match the attack's); AWP perturbs every weight of the model.
+DEMO_METHODS = ("none", "fgm", "pgd", "freelb", "vat", "gp", "r3f", "smart", "neftune", "awp")
+# What a run compares when --methods is not given (keeps the default run short).
+DEFAULT_METHODS = ("none", "fgm", "pgd", "freelb", "vat")
+# The closure of these returns (loss, logits).
+PAIR_METHODS = ("vat", "r3f", "smart")
 
 # Training epsilon per mode. Output mode: per-sample l2 norm of delta over the
 # (tokens x dim) embedding output, as the evaluation attack. Matrix mode: l2 norm of
@@ -54,7 +67,7 @@ class DemoSettings:
     framework: str = "torch"
     backend: str = "tensorflow"  # the Keras backend (framework="keras"): tensorflow, jax, torch
     mode: str = "output"
-    methods: tuple[str, ...] = DEMO_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     epsilon: float = DEFAULT_EPSILON["output"]
     attack_epsilon: float = 0.5
     attack_steps: int = 10
@@ -91,6 +104,10 @@ def method_kwargs(method: str, settings: DemoSettings) -> dict[str, Any]:
     radius as the other methods. pgd: 3 steps of ``2.5 * epsilon / 3``; vat: one
     power iteration, ``xi=0.1``.
     """
+    if method in ("gp", "r3f", "smart", "neftune"):
+        return {"mode": settings.mode, "method": method}
+    if method == "awp":
+        return {"method": method, "target": ""}
     kwargs: dict[str, Any] = {"mode": settings.mode, "method": method, "epsilon": settings.epsilon}
     if method == "freelb":
         kwargs["alpha"] = settings.epsilon / 2

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 import advgraph
 from advgraph._demo.data import PAD, Encoded
-from advgraph._demo.settings import DemoSettings, method_kwargs
+from advgraph._demo.settings import PAIR_METHODS, DemoError, DemoSettings, method_kwargs
 
 __all__ = ["MeanPoolClassifier", "Trainer", "check_methods", "configure"]
 
@@ -50,7 +50,20 @@ class MeanPoolClassifier(nn.Module):
 
 
 def check_methods(settings: DemoSettings) -> None:
-    """Every demo method is supported by the PyTorch adapter."""
+    """Fail early on a method the chosen mode does not allow (e.g. neftune in matrix mode)."""
+    from advgraph._config import make_config
+
+    failed = []
+    for method in settings.methods:
+        if method == "none":
+            continue
+        kwargs = {k: v for k, v in method_kwargs(method, settings).items() if k != "target"}
+        try:
+            make_config(**kwargs)
+        except (TypeError, ValueError) as exc:
+            failed.append(f"{method} ({exc})")
+    if failed:
+        raise DemoError(f"These methods cannot run in mode={settings.mode!r}: " + "; ".join(failed))
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -76,14 +89,15 @@ class Trainer:
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss.detach()
-        if self.method == "vat":
+        if self.method in PAIR_METHODS:
 
             def closure() -> Any:
                 logits = wrapped(x)
                 return F.cross_entropy(logits, y), logits
 
             return wrapped.adversarial_step(closure)
-        return wrapped.adversarial_step(lambda: F.cross_entropy(wrapped(x), y))
+        mask = (x != PAD) if self.method == "neftune" else None
+        return wrapped.adversarial_step(lambda: F.cross_entropy(wrapped(x), y), mask=mask)
 
     def train_epoch(self, x: np.ndarray, y: np.ndarray, on_batch: Callable[[], None]) -> float:
         (self.wrapped or self.model).train()
