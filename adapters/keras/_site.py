@@ -309,11 +309,22 @@ class MatrixSite(_KerasSite):
     mode = "matrix"
 
     def __init__(
-        self, model: keras.Model, stats: Stats, layer: keras.layers.Layer, static_shapes: bool
+        self,
+        model: keras.Model,
+        stats: Stats,
+        layer: keras.layers.Layer,
+        static_shapes: bool,
+        whole_matrix: bool = True,
     ) -> None:
         super().__init__(model, stats)
         self.layer = layer
         self.static_shapes = static_shapes
+        # False: no other layer reads the matrix, so delta[row] is added to the lookup's
+        # output (the values of looking up E + delta) and nothing is written to the
+        # variable: an error anywhere in the compiled step leaves the matrix untouched.
+        self.whole_matrix = whole_matrix
+        self.rows_delta: Any = None  # the installed delta (functional path)
+        self._offset: Any = 0
         self._ids: Any = None  # layout of the latest gradient / random start
         self._seg: Any = None
         self._dense = False
@@ -336,13 +347,26 @@ class MatrixSite(_KerasSite):
     def _begin_pass(self, tape: tf.GradientTape) -> None:
         self._lookups = []  # (ids, output) of each lookup in this pass
         self._next_ids = None
+        self._offset = 0
+
+    def _functional(self) -> bool:
+        ctx = tf.distribute.get_replica_context()
+        return not self.whole_matrix and (ctx is None or ctx.num_replicas_in_sync <= 1)
 
     def on_output(self, x: Any) -> Any:
-        """The lookup's output (unchanged): its gradient is the lookup gradient."""
-        if self._next_ids is not None and tf.is_tensor(x) and x.dtype.is_floating:
-            self._tape.watch(x)  # also when the embedding is frozen
-            self._lookups.append((self._next_ids, x))
-        self._next_ids = None
+        """The lookup's output: its gradient is the lookup gradient (functional path:
+        plus the installed delta of each looked-up row)."""
+        ids, self._next_ids = self._next_ids, None
+        if ids is None or not tf.is_tensor(x) or not x.dtype.is_floating:
+            return x
+        self._tape.watch(x)  # also when the embedding is frozen
+        self._lookups.append((ids, x))
+        if self.rows_delta is not None:
+            count = tf.size(ids, out_type=tf.int32)
+            seg = tf.slice(self._seg, tf.reshape(self._offset, [1]), tf.reshape(count, [1]))
+            self._offset = self._offset + count
+            rows = tf.gather(tf.cast(self.rows_delta, x.dtype), seg)
+            x = x + tf.reshape(rows, tf.shape(x))
         return x
 
     def _sources(self) -> list[Any]:
@@ -424,6 +448,9 @@ class MatrixSite(_KerasSite):
     def _install(self, delta: Any) -> None:
         var = self.variable
         delta = self._same_on_all_replicas(tf.cast(delta, var.dtype))
+        if self._functional():
+            self.rows_delta = delta  # added at the lookup's output: nothing written
+            return
         self._restore()
         if self._dense:
             self._saved = tf.identity(var.read_value())
@@ -466,4 +493,5 @@ class MatrixSite(_KerasSite):
 
     def clear(self) -> None:
         self._pending = None
+        self.rows_delta = None
         self._restore()
