@@ -16,7 +16,9 @@ of its class, so the class, ``isinstance``, ``get_config`` and saving stay those
 of the original model. ``unwrap`` deletes them. Routes (``model.advgraph_route``):
 
 - ``"matrix"``: mode='matrix', the same model object; the embedding layer's
-  ``call`` gets an input-side hook (random starts need the batch's ids).
+  ``call`` is wrapped on both sides: the ids (row layout, random starts) and the
+  lookup's output (the lookup gradient; delta of each row when nothing else reads
+  the matrix). A ``reverse=True`` call (a tied head) passes through.
 - ``"functional-rewrite"`` / ``"sequential-rewrite"``: mode='output' on a plain
   functional / Sequential model: a new model of the same layers with a
   :class:`Perturbation` layer after the embedding (see ``_routes``), compiled like

@@ -12,22 +12,23 @@ trace. Under ``tf.distribute.MirroredStrategy`` each replica traces its own
 layer reaches the right one through :class:`SiteHook`, which is thread-local.
 
 Matrix mode:
-    g is the gradient of the loss w.r.t. the ``embeddings`` variable. For a lookup it
-    arrives as ``IndexedSlices``: one row per id *position* (``N`` = batch x
-    sequence positions), duplicates not summed. The site reduces it to the touched
-    rows in a canonical layout, the distinct ids in ascending order (the layout
-    depends only on the set of ids, so every pass, replica and random start agrees):
+    g is the *lookup* gradient of the touched rows: the gradient at each lookup's
+    output (one row per id *position*, ``N`` = batch x sequence positions), summed per
+    id (a tied output head's gradient is not part of it). Rows are laid out
+    canonically, the distinct ids in ascending order (the layout depends only on the
+    set of ids, so every pass, replica and random start agrees):
 
     1. ``order = argsort(ids)``; a position of the sorted ids starts a new row when
        its id differs from the previous one; ``rank = cumsum(starts) - 1``;
        ``seg[order] = rank`` maps every position to its row.
-    2. ``rows = unsorted_segment_sum(values, seg, num)`` is the gradient of the
-       touched rows; ``delta = epsilon * rows / ||rows||`` is the global-norm delta
-       of the matrix (untouched rows have zero gradient and get no delta).
-    3. Every position ``i`` writes matrix row ``ids[i]`` with ``saved[i] +
-       delta[seg[i]]`` (``scatter_update``: assign semantics). Positions sharing an
-       id write identical bytes, so duplicates are harmless. Restore writes
-       ``saved[i]``, the bytes read before: bit-exact, never a subtraction.
+    2. ``rows = unsorted_segment_sum(values, seg, num)``; ``delta = epsilon * rows /
+       ||rows||`` is the global-norm delta of the touched rows.
+    3. No other layer reads the matrix (single replica): ``delta[seg]`` is added to
+       the lookup's output, the values of looking up ``E + delta``; nothing is
+       written. Else every position ``i`` writes matrix row ``ids[i]`` with
+       ``saved[i] + delta[seg[i]]`` (``scatter_update``: assign semantics; positions
+       sharing an id write identical bytes). Restore writes ``saved[i]``, the bytes
+       read before: bit-exact, never a subtraction.
 
     ``num`` = the number of distinct ids is data-dependent (as ``tf.unique``'s
     output shape), which XLA cannot compile. With ``jit_compile=True`` the site uses
@@ -40,9 +41,7 @@ Matrix mode:
     segment sums, gather and scatter_update all compile with static shapes.
 
     Extra memory per step: ``O(N * d)`` (the saved rows and delta), never a copy
-    of the whole matrix. A dense gradient (the matrix is also used outside a
-    lookup, e.g. tied to an output layer) gives a delta on the whole matrix, saved
-    and restored whole.
+    of the whole matrix.
 """
 
 from __future__ import annotations
