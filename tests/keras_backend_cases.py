@@ -314,3 +314,38 @@ def test_unknown_keras_version_is_a_clear_error(monkeypatch) -> None:
     object.__setattr__(model, "_loss_tracker", None)
     with pytest.raises(RuntimeError, match="Trainer._loss_tracker.*Received: keras_version="):
         _private.loss_tracker(model)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="an assert inside TensorFlow's compiled graph")
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_tf_error_inside_the_compiled_step_leaves_the_embedding_unperturbed(mode: str) -> None:
+    """The adversarial forward fails inside the tf.function graph (no Python
+    ``finally`` runs there): nothing was written to the matrix, so it keeps its
+    bytes. (XLA drops asserts: nothing raises in-graph there.)"""
+    import tensorflow as tf
+
+    class Bomb(keras.layers.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = tf.Variable(0, trainable=False, dtype=tf.int32)
+
+        def call(self, h, training=None):
+            if training:
+                self.count.assign_add(1)
+                # Data-dependent on h: it runs after the (perturbed) lookup.
+                after_lookup = self.count.read_value() + tf.cast(tf.reduce_sum(h) * 0.0, tf.int32)
+                with tf.control_dependencies([tf.debugging.assert_less(after_lookup, 2)]):
+                    h = tf.identity(h)
+            return h
+
+    inp = keras.Input((L,), dtype="int32")
+    out = keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(Bomb()(keras.layers.Embedding(V, D)(inp))))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=False)
+    wrapped = advgraph.wrap(model, mode=mode, epsilon=1.0)
+    before = matrix_bytes(model)
+    x, y = data()
+    with pytest.raises(Exception, match="(?i)assert"):
+        wrapped.train_on_batch(x, y)
+    assert matrix_bytes(model) == before

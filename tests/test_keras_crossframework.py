@@ -96,7 +96,11 @@ def keras_step(w, x, y, mode: str, method: str, kwargs: dict, monkeypatch: pytes
 
     def set_delta(self, delta):
         original(self, delta)
-        matrices.append(self.variable.numpy().copy())
+        matrix = self.variable.numpy().copy()
+        if self.rows_delta is not None:  # added at the lookup's output: the matrix it reads
+            ids, seg = self._ids.numpy(), self._seg.numpy()
+            matrix[ids] = matrix[ids] + self.rows_delta.numpy()[seg]
+        matrices.append(matrix)
 
     monkeypatch.setattr(keras_site.MatrixSite, "set_delta", set_delta)
     logs = wrapped.train_on_batch(x, y, return_dict=True)

@@ -16,7 +16,9 @@ of its class, so the class, ``isinstance``, ``get_config`` and saving stay those
 of the original model. ``unwrap`` deletes them. Routes (``model.advgraph_route``):
 
 - ``"matrix"``: mode='matrix', the same model object; the embedding layer's
-  ``call`` gets an input-side hook (random starts need the batch's ids).
+  ``call`` is wrapped on both sides: the ids (row layout, random starts) and the
+  lookup's output (the lookup gradient; delta of each row when nothing else reads
+  the matrix). A ``reverse=True`` call (a tied head) passes through.
 - ``"functional-rewrite"`` / ``"sequential-rewrite"``: mode='output' on a plain
   functional / Sequential model: a new model of the same layers with a
   :class:`Perturbation` layer after the embedding (see ``_routes``), compiled like
@@ -86,6 +88,7 @@ class _State:
     undo: Callable[[], None] | None = None  # call-wrap route and mode='matrix'
     backend: str = "tensorflow"
     step: Callable[..., Any] | None = None  # the function bound as train_step
+    shared_matrix: bool = True  # mode='matrix': other layers may read the matrix (tied head)
 
 
 def is_wrapped(model: Any) -> bool:
@@ -157,7 +160,8 @@ def _check_model(model: keras.Model) -> str:
     return backend
 
 
-def _check_matrix_target(model: keras.Model, path: str, layer: keras.layers.Layer) -> None:
+def _check_matrix_target(model: keras.Model, path: str, layer: keras.layers.Layer) -> bool:
+    """Check a mode='matrix' target; return whether other layers may read its matrix."""
     embeddings = getattr(layer, "embeddings", None)
     if embeddings is None and not isinstance(layer, keras.layers.Embedding):
         raise ValueError(
@@ -166,7 +170,7 @@ def _check_matrix_target(model: keras.Model, path: str, layer: keras.layers.Laye
             f"{received(target=f'{path} ({type(layer).__name__})')}"
         )
     if embeddings is None:
-        return  # not built yet: the variable is looked up when the step is traced
+        return True  # not built yet: the variable is looked up when the step is traced
     dtype = keras.backend.standardize_dtype(embeddings.dtype)
     if not dtype.startswith(("float", "bfloat")):
         raise ValueError(
@@ -184,6 +188,7 @@ def _check_matrix_target(model: keras.Model, path: str, layer: keras.layers.Laye
         and any(w is embeddings for w in other.weights)
         and not contains(other)
     ]
+    tied = bool(getattr(layer, "tie_weights", False))  # ReversibleEmbedding: a head may read it
     if shared:
         warnings.warn(
             f"advgraph: the embedding matrix of '{path}' is also a weight of "
@@ -193,6 +198,7 @@ def _check_matrix_target(model: keras.Model, path: str, layer: keras.layers.Laye
             AdvGraphWarning,
             stacklevel=4,
         )
+    return bool(shared) or tied
 
 
 def _check_not_shared(path: str, layer: keras.layers.Layer) -> None:
@@ -385,9 +391,10 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
     original: keras.Model | None = None
     perturbation: Perturbation | None = None
     undo: Callable[[], None] | None = None
+    shared_matrix = True
     hook = SiteHook(config.mode, path)
     if config.mode == "matrix":
-        _check_matrix_target(model, path, layer)
+        shared_matrix = _check_matrix_target(model, path, layer)
         _check_not_shared(path, layer)
         undo = wrap_call(layer, hook, before=True)  # the ids, then the lookup's output
         host, route = model, "matrix"
@@ -405,6 +412,7 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
         perturbation=perturbation,
         undo=undo,
         backend=backend,
+        shared_matrix=shared_matrix,
     )
     _attach(host, state)
     logger.info(

@@ -159,6 +159,7 @@ class JaxSite:
         optimizer_values: list[Any],
         key: Any,
         probe: Callable[[], Any],
+        shared_matrix: bool = True,
     ) -> None:
         self.model = model
         self.layer = layer
@@ -175,6 +176,10 @@ class JaxSite:
         self._layout: tuple[Any, Any, Any] | None = None
         self._pass: dict[str, Any] | None = None  # scratch of the pass being traced
         self._probe = probe
+        # mode='matrix' with no other reader of the matrix: delta[seg] is added to the
+        # lookup's output (the same bytes as looking up E + delta) instead of
+        # materialising the V x d perturbed matrix in every adversarial pass.
+        self._whole_matrix = shared_matrix
         self._spec: Any = None
         self._frozen = [
             i for i, v in enumerate(model.non_trainable_variables) if v is _embeddings(layer)
@@ -216,6 +221,11 @@ class JaxSite:
                 "call per forward (target a layer called once). "
                 f"{received(target_calls=scratch['calls'])}"
             )
+        if self.mode == "matrix" and not self._whole_matrix and self.delta is not None:
+            assert self._layout is not None
+            _, seg, valid = self._layout
+            rows = jnp.where(valid[:, None], self.delta, 0).astype(x.dtype)
+            x = x + jnp.reshape(jnp.take(rows, seg, axis=0), x.shape)  # (E + delta)[ids]
         x = x + scratch["z"].astype(x.dtype)
         if self.mode == "output":
             if callable(self.delta):  # a random start: shaped like the output
@@ -239,7 +249,7 @@ class JaxSite:
         if callable(self.delta):
             like = jnp.zeros((uids.shape[0], matrix.shape[1]), self._widened(matrix.dtype))
             self.delta = self.delta(like)
-        if self.delta is not None:
+        if self.delta is not None and self._whole_matrix:
             rows = jnp.where(valid[:, None], self.delta, 0).astype(matrix.dtype)
             var.assign(matrix.at[uids].add(rows))  # in the call's StatelessScope only
 
@@ -431,6 +441,7 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
         optimizer_values,
         jax.random.wrap_key_data(metrics_values[key_slot]),
         probe,
+        adv.shared_matrix,
     )
 
     def closure() -> Any:

@@ -12,22 +12,23 @@ trace. Under ``tf.distribute.MirroredStrategy`` each replica traces its own
 layer reaches the right one through :class:`SiteHook`, which is thread-local.
 
 Matrix mode:
-    g is the gradient of the loss w.r.t. the ``embeddings`` variable. For a lookup it
-    arrives as ``IndexedSlices``: one row per id *position* (``N`` = batch x
-    sequence positions), duplicates not summed. The site reduces it to the touched
-    rows in a canonical layout, the distinct ids in ascending order (the layout
-    depends only on the set of ids, so every pass, replica and random start agrees):
+    g is the *lookup* gradient of the touched rows: the gradient at each lookup's
+    output (one row per id *position*, ``N`` = batch x sequence positions), summed per
+    id (a tied output head's gradient is not part of it). Rows are laid out
+    canonically, the distinct ids in ascending order (the layout depends only on the
+    set of ids, so every pass, replica and random start agrees):
 
     1. ``order = argsort(ids)``; a position of the sorted ids starts a new row when
        its id differs from the previous one; ``rank = cumsum(starts) - 1``;
        ``seg[order] = rank`` maps every position to its row.
-    2. ``rows = unsorted_segment_sum(values, seg, num)`` is the gradient of the
-       touched rows; ``delta = epsilon * rows / ||rows||`` is the global-norm delta
-       of the matrix (untouched rows have zero gradient and get no delta).
-    3. Every position ``i`` writes matrix row ``ids[i]`` with ``saved[i] +
-       delta[seg[i]]`` (``scatter_update``: assign semantics). Positions sharing an
-       id write identical bytes, so duplicates are harmless. Restore writes
-       ``saved[i]``, the bytes read before: bit-exact, never a subtraction.
+    2. ``rows = unsorted_segment_sum(values, seg, num)``; ``delta = epsilon * rows /
+       ||rows||`` is the global-norm delta of the touched rows.
+    3. No other layer reads the matrix (single replica): ``delta[seg]`` is added to
+       the lookup's output, the values of looking up ``E + delta``; nothing is
+       written. Else every position ``i`` writes matrix row ``ids[i]`` with
+       ``saved[i] + delta[seg[i]]`` (``scatter_update``: assign semantics; positions
+       sharing an id write identical bytes). Restore writes ``saved[i]``, the bytes
+       read before: bit-exact, never a subtraction.
 
     ``num`` = the number of distinct ids is data-dependent (as ``tf.unique``'s
     output shape), which XLA cannot compile. With ``jit_compile=True`` the site uses
@@ -40,9 +41,7 @@ Matrix mode:
     segment sums, gather and scatter_update all compile with static shapes.
 
     Extra memory per step: ``O(N * d)`` (the saved rows and delta), never a copy
-    of the whole matrix. A dense gradient (the matrix is also used outside a
-    lookup, e.g. tied to an output layer) gives a delta on the whole matrix, saved
-    and restored whole.
+    of the whole matrix.
 """
 
 from __future__ import annotations
@@ -309,11 +308,22 @@ class MatrixSite(_KerasSite):
     mode = "matrix"
 
     def __init__(
-        self, model: keras.Model, stats: Stats, layer: keras.layers.Layer, static_shapes: bool
+        self,
+        model: keras.Model,
+        stats: Stats,
+        layer: keras.layers.Layer,
+        static_shapes: bool,
+        whole_matrix: bool = True,
     ) -> None:
         super().__init__(model, stats)
         self.layer = layer
         self.static_shapes = static_shapes
+        # False: no other layer reads the matrix, so delta[row] is added to the lookup's
+        # output (the values of looking up E + delta) and nothing is written to the
+        # variable: an error anywhere in the compiled step leaves the matrix untouched.
+        self.whole_matrix = whole_matrix
+        self.rows_delta: Any = None  # the installed delta (functional path)
+        self._offset: Any = 0
         self._ids: Any = None  # layout of the latest gradient / random start
         self._seg: Any = None
         self._dense = False
@@ -336,13 +346,26 @@ class MatrixSite(_KerasSite):
     def _begin_pass(self, tape: tf.GradientTape) -> None:
         self._lookups = []  # (ids, output) of each lookup in this pass
         self._next_ids = None
+        self._offset = 0
+
+    def _functional(self) -> bool:
+        ctx = tf.distribute.get_replica_context()
+        return not self.whole_matrix and (ctx is None or ctx.num_replicas_in_sync <= 1)
 
     def on_output(self, x: Any) -> Any:
-        """The lookup's output (unchanged): its gradient is the lookup gradient."""
-        if self._next_ids is not None and tf.is_tensor(x) and x.dtype.is_floating:
-            self._tape.watch(x)  # also when the embedding is frozen
-            self._lookups.append((self._next_ids, x))
-        self._next_ids = None
+        """The lookup's output: its gradient is the lookup gradient (functional path:
+        plus the installed delta of each looked-up row)."""
+        ids, self._next_ids = self._next_ids, None
+        if ids is None or not tf.is_tensor(x) or not x.dtype.is_floating:
+            return x
+        self._tape.watch(x)  # also when the embedding is frozen
+        self._lookups.append((ids, x))
+        if self.rows_delta is not None:
+            count = tf.size(ids, out_type=tf.int32)
+            seg = tf.slice(self._seg, tf.reshape(self._offset, [1]), tf.reshape(count, [1]))
+            self._offset = self._offset + count
+            rows = tf.gather(tf.cast(self.rows_delta, x.dtype), seg)
+            x = x + tf.reshape(rows, tf.shape(x))
         return x
 
     def _sources(self) -> list[Any]:
@@ -424,6 +447,9 @@ class MatrixSite(_KerasSite):
     def _install(self, delta: Any) -> None:
         var = self.variable
         delta = self._same_on_all_replicas(tf.cast(delta, var.dtype))
+        if self._functional():
+            self.rows_delta = delta  # added at the lookup's output: nothing written
+            return
         self._restore()
         if self._dense:
             self._saved = tf.identity(var.read_value())
@@ -466,4 +492,5 @@ class MatrixSite(_KerasSite):
 
     def clear(self) -> None:
         self._pending = None
+        self.rows_delta = None
         self._restore()

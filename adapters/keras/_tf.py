@@ -50,7 +50,13 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     site: Any
     if config.mode == "matrix":
-        site = MatrixSite(self, state.stats, state.target, static_shapes=bool(self.jit_compile))
+        site = MatrixSite(
+            self,
+            state.stats,
+            state.target,
+            static_shapes=bool(self.jit_compile),
+            whole_matrix=state.shared_matrix,
+        )
     else:
         site = OutputSite(self, state.stats)
     predictions: list[Any] = []
