@@ -349,3 +349,16 @@ def test_tf_error_inside_the_compiled_step_leaves_the_embedding_unperturbed(mode
     with pytest.raises(Exception, match="(?i)assert"):
         wrapped.train_on_batch(x, y)
     assert matrix_bytes(model) == before
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_jit_compile_true_trains_adversarially(mode: str) -> None:
+    """jit_compile=True (TF: XLA; JAX: jax.jit; torch: torch.compile around an eager
+    adversarial step): real deltas, none skipped, a step that differs from plain fit."""
+    x, y = data()
+    plain, adv = build("sequential", jit_compile=True, seed=4), build("sequential", jit_compile=True, seed=4)
+    adv = advgraph.wrap(adv, mode=mode, epsilon=1.0)
+    plain.fit(x, y, verbose=0, shuffle=False, epochs=2)
+    adv.fit(x, y, verbose=0, shuffle=False, epochs=2)
+    assert dict(adv.advgraph_stats) == {"steps": 2, "skipped_nonfinite": 0, "skipped_zero": 0}
+    assert matrix_bytes(plain) != matrix_bytes(adv)

@@ -225,6 +225,14 @@ def _step_method(backend: str) -> Callable[..., Any]:
         def train_step(self: keras.Model, data: Any) -> Any:
             return module.train_step(self, data, _state(self))
 
+        if backend == "torch":
+            import torch
+
+            # Keras compiles the torch step with torch.compile when jit_compile=True;
+            # autograd.grad at an intermediate output (the site) is not reliable under
+            # it (zero gradients), so the adversarial step itself runs eagerly.
+            train_step = torch.compiler.disable(train_step)
+
     train_step.__doc__ = module.train_step.__doc__
     return train_step
 
