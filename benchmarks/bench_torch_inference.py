@@ -1,7 +1,8 @@
 """(d) Inference: a wrapped model in eval mode against the original. Target <= 1.01x.
 
-Both routes: BERT from config (the embedding rewritten by the fx pass) and a custom
-Embedding -> LSTM -> Linear model (whole-model fx GraphModule). Interleaved medians.
+BERT from config and a custom Embedding -> LSTM -> Linear model; on both, the wrapped
+model is the same object and its embedding's forward is the fx-rewritten code with the
+perturbation node (route ``fx``). Interleaved medians.
 
     python benchmarks/bench_torch_inference.py [--repeats 30] [--json out.json]
 """
