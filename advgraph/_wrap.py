@@ -113,9 +113,10 @@ def wrap(
         A knob the chosen method does not read raises ``ValueError``.
 
     Returns:
-        The wrapped model. Always use this object. PyTorch: it keeps the original's
-        Parameter objects, state_dict keys and, with no perturbation active, outputs
-        bit for bit; it adds ``adversarial_step(closure)`` and ``perturbed()``.
+        The wrapped model. Always use this object. PyTorch: it is ``model`` itself
+        (same object, an instance of its class), with the same Parameter objects,
+        state_dict keys and, with no perturbation active, outputs bit for bit; it adds
+        ``adversarial_step(closure)`` and ``perturbed()``.
         Keras: ``fit()`` trains adversarially.
 
     Raises:
@@ -178,8 +179,8 @@ def _keras_has(method: str) -> bool:
 def unwrap(model: M) -> M:
     """Remove what :func:`wrap` added; return the plain model.
 
-    PyTorch: the returned module is the original one (same object where ``wrap``
-    edited it in place), with its original forward. Keras: the original train_step.
+    PyTorch: the returned module is the same object, with its original classes (its
+    own and its embedding's) and a bit-identical forward. Keras: the original train_step.
 
     Raises:
         TypeError: ``model`` is not a model, or was not wrapped by advgraph.

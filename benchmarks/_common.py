@@ -68,6 +68,16 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of ``name``'s time / ``reference``'s time in the same round.
+
+    On a shared machine the load changes from second to second; two variants timed in
+    the same round see about the same load, so the per-round ratio is steadier than
+    the ratio of medians.
+    """
+    return statistics.median(a / b for a, b in zip(times[name], times[reference]))
+
+
 def write_json(path: str, payload: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)

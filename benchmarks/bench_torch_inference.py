@@ -1,7 +1,8 @@
 """(d) Inference: a wrapped model in eval mode against the original. Target <= 1.01x.
 
-Both routes: BERT from config (the embedding rewritten by the fx pass) and a custom
-Embedding -> LSTM -> Linear model (whole-model fx GraphModule). Interleaved medians.
+BERT from config and a custom Embedding -> LSTM -> Linear model; on both, the wrapped
+model is the same object and its embedding's forward is the fx-rewritten code with the
+perturbation node (route ``fx``). Interleaved medians.
 
     python benchmarks/bench_torch_inference.py [--repeats 30] [--json out.json]
 """
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 import advgraph
-from _common import interleaved, machine, medians, table, write_json
+from _common import interleaved, machine, medians, paired_ratio, table, write_json
 from bench_torch_step import build
 
 
@@ -68,10 +69,23 @@ def main() -> None:
         label: med[f"{label} wrapped ({routes[label]})"] / med[f"{label} original"]
         for label in routes
     }
+    paired = {
+        label: paired_ratio(times, f"{label} wrapped ({routes[label]})", f"{label} original")
+        for label in routes
+    }
     print(table([(n, f"{t * 1e3:.2f}") for n, t in med.items()], ("variant", "median ms")))
     print()
-    print(table([(f"{l} wrapped / original", f"{r:.3f}", "<= 1.01", "ok" if r <= 1.01 else "MISSED") for l, r in ratios.items()], ("ratio", "value", "target", "")))
-    write_json(args.json, {"benchmark": "torch_inference", "args": vars(args), "machine": machine(), "median_s": med, "times_s": times, "ratios": ratios, "routes": routes})
+    fastest = {
+        label: min(times[f"{label} wrapped ({routes[label]})"]) / min(times[f"{label} original"])
+        for label in routes
+    }
+    rows = [
+        (f"{l} wrapped / original", f"{r:.3f}", f"{paired[l]:.3f}", f"{fastest[l]:.3f}", "<= 1.01",
+         "ok" if paired[l] <= 1.01 else "MISSED")
+        for l, r in ratios.items()
+    ]
+    print(table(rows, ("ratio", "of medians", "paired (per round)", "of minima", "target", "verdict (paired)")))
+    write_json(args.json, {"benchmark": "torch_inference", "args": vars(args), "machine": machine(), "median_s": med, "times_s": times, "ratios": ratios, "paired_ratios": paired, "min_ratios": fastest, "routes": routes})
 
 
 if __name__ == "__main__":

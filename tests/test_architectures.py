@@ -353,19 +353,33 @@ class BiEncoder(nn.Module):
         return F.cross_entropy(q @ d.T, torch.arange(q.shape[0]))
 
 
+@pytest.mark.parametrize("what", ["bi-encoder", "encoder", "encoder, by hand"])
 @pytest.mark.parametrize("mode", ["output", "matrix"])
-def test_bi_encoder_runs_one_encoder_twice(mode):
+def test_bi_encoder_runs_one_encoder_twice(mode, what):
+    """Wrap the bi-encoder, or only its encoder (then the closure calls it twice), or
+    only its encoder with the hand-written perturbed() loop."""
     model = BiEncoder().eval()
     ref = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(2)
     query, doc = torch.randint(3, VOCAB, (3, 5), generator=gen), torch.randint(3, VOCAB, (3, 9), generator=gen)
-    wrapped = advgraph.wrap(model, mode=mode, epsilon=EPS)
-    assert wrapped.advgraph_lookups == ("encoder.embeddings.word_embeddings",)
     expected_loss = reference_fgm(
         [ref.encoder.embeddings.word_embeddings], lambda: ref(query, doc), EPS, mode
     )
     before = param_bytes(model)
-    loss = wrapped.adversarial_step(lambda: wrapped(query, doc))
+    if what == "bi-encoder":
+        wrapped = advgraph.wrap(model, mode=mode, epsilon=EPS)
+        assert wrapped.advgraph_lookups == ("encoder.embeddings.word_embeddings",)
+        loss = wrapped.adversarial_step(lambda: wrapped(query, doc))
+    else:
+        wrapped = advgraph.wrap(model.encoder, mode=mode, epsilon=EPS)
+        assert wrapped.advgraph_lookups == ("embeddings.word_embeddings",)
+        if what == "encoder":
+            loss = wrapped.adversarial_step(lambda: model(query, doc))
+        else:
+            loss = model(query, doc)
+            loss.backward()
+            with wrapped.perturbed():
+                model(query, doc).backward()
     assert param_bytes(model) == before and loss.item() == expected_loss.item()
     for name, g in grads(ref).items():
         torch.testing.assert_close(grads(model)[name], g, rtol=1e-4, atol=1e-6, msg=name)

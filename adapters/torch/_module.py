@@ -524,7 +524,9 @@ def _uninstall(lookup: _Lookup) -> None:
     module.__dict__.pop(SITE_ATTR, None)
 
 
-def _find(model: nn.Module, spec: Any, config: AdversarialConfig) -> tuple[str, nn.Module, list[tuple[str, nn.Module]], str | None]:
+def _find(
+    model: nn.Module, spec: Any, config: AdversarialConfig
+) -> tuple[str, nn.Module, list[tuple[str, nn.Module]], str | None]:
     """Target path and module, its lookups, and why its parameters are sharded (or None)."""
     path, module = find_target(model, spec)
     if path == "":
@@ -549,7 +551,12 @@ def _find(model: nn.Module, spec: Any, config: AdversarialConfig) -> tuple[str, 
 
 
 def _install_all(
-    model: nn.Module, lookups: list[tuple[str, nn.Module]], site: Any, config: AdversarialConfig, sharding: str | None
+    model: nn.Module,
+    path: str,
+    lookups: list[tuple[str, nn.Module]],
+    site: Any,
+    config: AdversarialConfig,
+    sharding: str | None,
 ) -> list[_Lookup]:
     done: list[_Lookup] = []
     try:
@@ -568,8 +575,8 @@ def _install_all(
         first = done[0].module if done else None
         site.padding_idx = getattr(first, "padding_idx", None)
     site.names = {
-        "target": lookups[0][0] if lookups else "?",
-        "sharing": sorted({p for _, m in lookups for p in sharing_weight(model, m)} - {lookups[0][0]}),
+        "target": path,
+        "sharing": sorted({p for _, m in lookups for p in sharing_weight(model, m)} - {path}),
     }
     return done
 
@@ -629,7 +636,7 @@ def _follow(model: nn.Module, state: _State) -> None:
         _uninstall(lookup)
     state.lookups = []
     path, module, lookups, sharding = _find(model, state.spec, state.config)
-    state.lookups = _install_all(model, lookups, state.site, state.config, sharding)
+    state.lookups = _install_all(model, path, lookups, state.site, state.config, sharding)
     state.target_path, state.target = path, module
     state.weight = getattr(module, "weight", None)
     state.sharding = sharding
@@ -715,7 +722,7 @@ def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module
     path, module, lookups, sharding = _find(model, target, config)
     stats = Stats()
     site: Any = MatrixSite([m for _, m in lookups], stats) if config.mode == "matrix" else OutputSite(stats)
-    installed = _install_all(model, lookups, site, config, sharding)
+    installed = _install_all(model, path, lookups, site, config, sharding)
     sync = _SyncDeferral()
     handles = [
         model.register_forward_pre_hook(site.begin_forward),

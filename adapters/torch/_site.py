@@ -441,8 +441,12 @@ class MatrixSite(_Site):
         rows = torch.unique(args[0])
         weight = self.weight
         acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+        def zeros(count: int) -> torch.Tensor:
+            return torch.zeros(count, weight.shape[1], dtype=acc, device=weight.device)
+
         if self._applied is None or self._rows is None:
-            delta = self._pending(torch.zeros(rows.shape[0], weight.shape[1], dtype=acc, device=weight.device))
+            delta = self._pending(zeros(rows.shape[0]))
             self._add_rows(rows, delta)
             self._applied = delta
             return
@@ -450,7 +454,7 @@ class MatrixSite(_Site):
         if new.numel() == 0:
             return
         union = torch.unique(torch.cat([self._rows, new]))
-        delta = self._pending(torch.zeros(union.shape[0], weight.shape[1], dtype=acc, device=weight.device))
+        delta = self._pending(zeros(union.shape[0]))
         with torch.no_grad():
             delta[torch.searchsorted(union, self._rows)] = self._applied.to(delta.dtype)
         self._add_rows(new, delta[torch.searchsorted(union, new)])
