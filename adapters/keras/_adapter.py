@@ -59,7 +59,10 @@ from ._target import find_target, iter_layers
 
 logger = logging.getLogger("advgraph")
 
-__all__ = ["wrap", "unwrap", "is_wrapped"]
+__all__ = ["SUPPORTED_METHODS", "wrap", "unwrap", "is_wrapped"]
+
+# The methods the Keras adapter runs, on every backend (advgraph.wrap refuses the rest).
+SUPPORTED_METHODS = ("fgm", "fgsm", "pgd", "freelb", "vat", "gp", "r3f", "neftune")
 
 # Instance attributes wrap() sets on the model it returns; unwrap() deletes them.
 _PUBLIC_ATTRS = ("advgraph_stats", "advgraph_route", "advgraph_target", "advgraph_config")

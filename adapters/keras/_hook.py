@@ -22,9 +22,45 @@ import keras
 
 from advgraph._errors import AdvGraphWarning
 
-__all__ = ["STAT_KEYS", "SiteHook", "Perturbation", "StatsBase", "is_reverse_call"]
+__all__ = [
+    "COUNT_ONCE", "PAIR_METHODS", "STAT_KEYS", "count_step", "SiteHook", "Perturbation", "StatsBase", "is_reverse_call",
+    "token_mask_of",
+]
 
 STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")
+# Methods whose closure returns ``(loss, logits)`` (their regulariser compares outputs).
+PAIR_METHODS = ("vat", "r3f", "smart")
+# Methods that compute no delta from a gradient: each step counts once in ``steps``.
+COUNT_ONCE = ("gp", "r3f", "neftune")
+
+
+def count_step(site: Any, method: str) -> None:
+    """Count a step of a method whose passes record nothing (``steps`` += 1)."""
+    if method in COUNT_ONCE:
+        from advgraph._delta import DeltaResult
+
+        site.record(DeltaResult(None, False, False))
+
+
+def token_mask_of(site: Any, like: Any, cast: Any) -> Any:
+    """:meth:`Site.token_mask` for the Keras sites: the target's Keras mask, or ``None``.
+
+    ``site.mask`` is the function the hook got with the output in progress;
+    ``cast(mask)`` turns the boolean ``(batch, sequence)`` mask into the backend's
+    floating array with a last axis of 1.
+    """
+    from advgraph._errors import received
+
+    thunk = getattr(site, "mask", None)
+    mask = thunk() if callable(thunk) else None
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(like.shape[:-1]):
+        raise ValueError(
+            "The target's Keras mask must have the shape of its output without the last "
+            f"axis (batch, sequence). {received(mask_shape=tuple(mask.shape), output_shape=tuple(like.shape))}"
+        )
+    return cast(mask)
 
 
 class StatsBase(Mapping):
@@ -96,11 +132,16 @@ class SiteHook:
         finally:
             self._local.site = previous
 
-    def __call__(self, x: Any) -> Any:
-        """After the target: its output (mode='output')."""
+    def __call__(self, x: Any, mask: Any = None) -> Any:
+        """After the target: its output (mode='output').
+
+        ``mask``: a function giving the target's Keras mask (``Embedding(mask_zero=True)``:
+        ``ids != 0``) or ``None``; read only by a method that asks for it (neftune).
+        """
         site = self.active_site()
         if site is None or not site.in_pass():
             return x
+        site.mask = mask
         return site.on_output(x)
 
     def before(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -147,11 +188,11 @@ class Perturbation(keras.layers.Layer):
         self.supports_masking = True
         self._advgraph_hook = hook
 
-    def call(self, inputs: Any) -> Any:
+    def call(self, inputs: Any, mask: Any = None) -> Any:
         hook = self._advgraph_hook
         if hook is None:
             return inputs
-        return hook(inputs)
+        return hook(inputs, mask=lambda: mask)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape

@@ -41,7 +41,7 @@ from advgraph._methods import run_method
 from advgraph._ops import jax_keys
 
 from . import _private
-from ._hook import StatsBase
+from ._hook import PAIR_METHODS, count_step, StatsBase, token_mask_of
 
 __all__ = ["Stats", "JaxSite", "make_stats", "train_step", "attach", "detach"]
 
@@ -276,8 +276,15 @@ class JaxSite:
         return self._spec
 
     def _run_pass(
-        self, closure: Callable[[], Any], trainable: list[Any], z: Any, scale: float, allow_none: bool
+        self,
+        closure: Callable[[], Any],
+        trainable: list[Any],
+        z: Any,
+        scale: float,
+        allow_none: bool,
+        raw: bool = False,
     ) -> tuple[Any, tuple[Any, dict[str, Any]]]:
+        """One forward; ``raw=True``: the closure's output as it is (no loss checks)."""
         self._pass = {"trainable": trainable, "z": z, "calls": 0, "report": {}}
         try:
             out = closure()
@@ -291,6 +298,8 @@ class JaxSite:
                 "no perturbation site. Train the model returned by advgraph.wrap(). "
                 f"{received(target_calls=0)}"
             )
+        if raw:
+            return None, (out, report)
         if out is None:
             if not allow_none:
                 raise TypeError(
@@ -346,13 +355,16 @@ class JaxSite:
 
     def _absorb(self, report: dict[str, Any]) -> None:
         """Keep a pass's outputs: its non-trainable updates chain into the next pass."""
+        self._chain(report)
+        self.records.append(report)
+
+    def _chain(self, report: dict[str, Any]) -> None:
         non_trainable = report.get("non_trainable")
         if non_trainable is not None:
             non_trainable = list(non_trainable)
             for i in self._frozen:  # a frozen matrix: its perturbed value is not a state
                 non_trainable[i] = self.non_trainable[i]
             self.non_trainable = non_trainable
-        self.records.append(report)
 
     def _to_site(self, grad_z: Any) -> Any:
         if self.mode == "output":
@@ -380,6 +392,90 @@ class JaxSite:
     def record(self, result: DeltaResult) -> None:
         flags = jnp.stack([jnp.any(result.nonfinite), jnp.any(result.zero)]).astype(jnp.int32)
         self.counts = self.counts + jnp.concatenate([jnp.ones((1,), jnp.int32), flags])
+
+    # -- calls for gp, r3f, smart and neftune (see advgraph._methods.Site) -----------
+    mask: Any = None  # set by the hook: a function giving the target's Keras mask
+
+    def _accumulate(self, new: list[Any]) -> None:
+        if self.param_grads is None:
+            self.param_grads = list(new)
+        else:
+            self.param_grads = [a + b for a, b in zip(self.param_grads, new)]
+
+    def _scaled(self, total: Any) -> Any:
+        optimizer = self.model.optimizer
+        mapping = list(zip(optimizer.variables, self.optimizer_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            return optimizer.scale_loss(total)
+
+    def penalty_backward(self, closure: Callable[[], Any], penalty: Callable[[Any], Any]) -> Any:
+        """gp: ``grad`` of the loss w.r.t. ``z`` inside the ``value_and_grad`` over the
+        trainable values (a double backward)."""
+        spec = self._spec_of_output()
+        z = jnp.zeros(spec.shape, spec.dtype)
+
+        def f(trainable: list[Any]) -> Any:
+            def inner(z: Any) -> Any:
+                _, (loss, report) = self._run_pass(closure, trainable, z, 1.0, False)
+                return loss, (loss, report)
+
+            (_, (loss, report)), grad_z = jax.value_and_grad(inner, has_aux=True)(z)
+            total = loss + penalty(self._to_site(grad_z)).astype(loss.dtype)
+            return self._scaled(total), (loss, report)
+
+        (_, (loss, report)), grads = jax.value_and_grad(f, has_aux=True)(self.trainable)
+        self._absorb(report)
+        self._accumulate(grads)
+        return jax.lax.stop_gradient(loss)
+
+    def joint_backward(
+        self, closure: Callable[[], Any], deltas: Any, objective: Callable[[list[Any]], Any]
+    ) -> Any:
+        """r3f / smart: the forwards inside one ``value_and_grad``; non-trainable
+        states chain from one forward to the next, as on the other backends."""
+        spec = self._spec_of_output()
+        z = jnp.zeros(spec.shape, spec.dtype)
+        start = self.non_trainable
+
+        def f(trainable: list[Any]) -> Any:
+            outs, reports = [], []
+            try:
+                for delta in deltas:
+                    self.delta = delta
+                    _, (out, report) = self._run_pass(closure, trainable, z, 1.0, True, raw=True)
+                    outs.append(out)
+                    reports.append(report)
+                    self._chain(report)
+            finally:
+                self.non_trainable = start
+                self.delta = None
+            total = _check_loss(objective(outs))
+            return self._scaled(total), (total, reports)
+
+        (_, (total, reports)), grads = jax.value_and_grad(f, has_aux=True)(self.trainable)
+        for report in reports:
+            self._absorb(report)
+        self._accumulate(grads)
+        return jax.lax.stop_gradient(total)
+
+    def forward_only(self, closure: Callable[[], Any], *, teacher: bool = False) -> Any:
+        """A forward of the current values (``teacher=True``: the teacher's), no gradient."""
+        spec = self._spec_of_output()
+        z = jnp.zeros(spec.shape, spec.dtype)
+        values = self.teacher_values() if teacher else self.trainable
+        _, (out, report) = self._run_pass(closure, values, z, 1.0, True, raw=True)
+        if not teacher:  # the teacher's forward leaves the model's states alone
+            self._absorb(report)
+        return jax.tree.map(jax.lax.stop_gradient, out)
+
+    def teacher_values(self) -> list[Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def token_mask(self, like: Any) -> Any:
+        return token_mask_of(self, like, lambda m: jnp.asarray(m, like.dtype)[..., None])
+
+    def site_values(self) -> Any:
+        raise NotImplementedError("site_values() belongs to a site made of weights (awp).")
 
 
 def _embeddings(layer: keras.layers.Layer) -> Any:
@@ -416,6 +512,7 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     config = adv.config
     vat = config.method == "vat"
+    pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
     counters = adv.stats.counters
     slots = {id(v): i for i, v in enumerate(self.metrics_variables)}
     counts_slot, key_slot = slots[id(counters.counts)], slots[id(counters.key)]
@@ -455,10 +552,11 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
             optimizer_variables=optimizer_values,
         )
         site.report(y_pred=y_pred, non_trainable=n, metrics=m)
-        return (loss, y_pred) if vat else loss
+        return (loss, y_pred) if pair else loss
 
     with adv.hook.activate(site), jax_keys(site.next_key):
         loss = run_method(site, closure, config)
+        count_step(site, config.method)
 
     first = site.records[0]
     grads = site.param_grads

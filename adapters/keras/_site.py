@@ -54,7 +54,7 @@ import tensorflow as tf
 from advgraph._delta import DeltaResult
 from advgraph._errors import received
 
-from ._hook import STAT_KEYS, Perturbation, SiteHook, StatsBase, is_reverse_call
+from ._hook import STAT_KEYS, Perturbation, SiteHook, StatsBase, is_reverse_call, token_mask_of
 
 __all__ = ["Stats", "SiteHook", "OutputSite", "MatrixSite", "Perturbation", "add_grads"]
 
@@ -235,6 +235,82 @@ class _KerasSite:
 
     def record(self, result: DeltaResult) -> None:
         self.stats.record(result)
+
+    # -- calls for gp, r3f, smart and neftune (see advgraph._methods.Site) -----------
+    mask: Any = None  # set by the hook: a function giving the target's Keras mask
+
+    def _accumulate(self, new: list[Any]) -> None:
+        if self.param_grads is None:
+            self.param_grads = list(new)
+        else:
+            self.param_grads = [add_grads(a, b) for a, b in zip(self.param_grads, new)]
+
+    def _scaled(self, total: Any) -> Any:
+        optimizer = getattr(self.model, "optimizer", None)
+        return total if optimizer is None else optimizer.scale_loss(total)
+
+    def _open(self, tape: tf.GradientTape) -> None:
+        self._tape = tape
+        self._graph = tf.compat.v1.get_default_graph()
+        self._begin_pass(tape)
+
+    def penalty_backward(self, closure: Callable[[], Any], penalty: Callable[[Any], Any]) -> Any:
+        """gp: the site's gradient under an inner tape, recorded by an outer one."""
+        if not self.variables:
+            self.variables = list(self.model.trainable_variables)
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                self._open(inner)
+                try:
+                    loss = check_loss(closure())
+                finally:
+                    self._tape = None
+            self._take_grad(inner.gradient(loss, self._sources()))
+            total = loss + tf.cast(penalty(self.site_grad()), loss.dtype)
+            target = self._scaled(total)
+        self._accumulate(outer.gradient(target, self.variables))
+        return tf.stop_gradient(loss)
+
+    def joint_backward(
+        self, closure: Callable[[], Any], deltas: Any, objective: Callable[[list[Any]], Any]
+    ) -> Any:
+        """r3f / smart: every forward under one tape, one gradient of the objective."""
+        if not self.variables:
+            self.variables = list(self.model.trainable_variables)
+        try:
+            with tf.GradientTape() as tape:
+                outs = []
+                for delta in deltas:
+                    self.clear()
+                    if delta is not None:
+                        self.set_delta(delta)
+                    self._open(tape)
+                    try:
+                        outs.append(closure())
+                    finally:
+                        self._tape = None
+                    self._sources()  # the target ran (once, in output mode)
+                total = check_loss(objective(outs))
+                target = self._scaled(total)
+            self._accumulate(tape.gradient(target, self.variables))
+        finally:
+            self.clear()
+        return tf.stop_gradient(total)
+
+    def forward_only(self, closure: Callable[[], Any], *, teacher: bool = False) -> Any:
+        """A forward outside any tape (the hook passes outputs through unchanged)."""
+        if teacher:
+            return self.teacher_forward(closure)
+        return tf.nest.map_structure(tf.stop_gradient, closure())
+
+    def teacher_forward(self, closure: Callable[[], Any]) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def token_mask(self, like: Any) -> Any:
+        return token_mask_of(self, like, lambda m: tf.cast(m, like.dtype)[..., None])
+
+    def site_values(self) -> Any:
+        raise NotImplementedError("site_values() belongs to a site made of weights (awp).")
 
 
 class OutputSite(_KerasSite):

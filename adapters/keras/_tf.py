@@ -17,6 +17,7 @@ import tensorflow as tf
 from advgraph._methods import run_method
 
 from . import _private
+from ._hook import PAIR_METHODS, count_step
 from ._site import MatrixSite, OutputSite, Stats
 
 __all__ = ["make_stats", "train_step"]
@@ -61,6 +62,7 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
         site = OutputSite(self, state.stats)
     predictions: list[Any] = []
     vat = config.method == "vat"
+    pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
 
     def closure() -> Any:
         # Metrics see the first (clean) pass only: the per-output loss trackers of
@@ -78,13 +80,14 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
             out = y_pred
         else:
             loss = _private.compute_loss(self, x, y, y_pred, sample_weight)
-            out = (loss, y_pred) if vat else loss
+            out = (loss, y_pred) if pair else loss
         for var, value in zip(metric_vars, saved):
             var.assign(value)
         return out
 
     with state.hook.activate(site):
         loss = run_method(site, closure, config)
+        count_step(site, config.method)
 
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     _private.loss_tracker(self).update_state(

@@ -26,7 +26,7 @@ from advgraph._errors import received
 from advgraph._methods import run_method
 
 from . import _private
-from ._hook import StatsBase
+from ._hook import PAIR_METHODS, count_step, StatsBase, token_mask_of
 
 __all__ = ["Stats", "TorchSite", "make_stats", "train_step"]
 
@@ -247,6 +247,82 @@ class TorchSite:
     def record(self, result: DeltaResult) -> None:
         self.stats.record(result)
 
+    # -- calls for gp, r3f, smart and neftune (see advgraph._methods.Site) -----------
+    mask: Any = None  # set by the hook: a function giving the target's Keras mask
+
+    def _forward(self, closure: Callable[[], Any]) -> tuple[Any, list[Any]]:
+        self._pass = []
+        try:
+            out = closure()
+            captured = self._pass
+        finally:
+            self._pass = None
+        if not captured:
+            raise ValueError(
+                "The forward of the training step did not run the target layer, so there is "
+                "no perturbation site. Train the model returned by advgraph.wrap(). "
+                f"{received(target_calls=0)}"
+            )
+        return out, captured
+
+    def _backward_params(self, total: Any) -> None:
+        if self.model.optimizer is not None:
+            total = self.model.optimizer.scale_loss(total)
+        new = list(torch.autograd.grad(total, [v.value for v in self.variables], allow_unused=True))
+        if self.param_grads is None:
+            self.param_grads = new
+        else:
+            self.param_grads = [
+                b if a is None else a if b is None else a + b for a, b in zip(self.param_grads, new)
+            ]
+
+    def penalty_backward(self, closure: Callable[[], Any], penalty: Callable[[Any], Any]) -> Any:
+        """gp: the site's gradient with ``create_graph=True``, then one backward."""
+        out, captured = self._forward(closure)
+        loss = _check_loss(out)
+        (grad,) = torch.autograd.grad(loss, captured[:1], create_graph=True, allow_unused=True)
+        total = loss + penalty(self._to_site(grad, captured[0])).to(loss.dtype)
+        self._backward_params(total)
+        return loss.detach()
+
+    def joint_backward(
+        self, closure: Callable[[], Any], deltas: Any, objective: Callable[[list[Any]], Any]
+    ) -> Any:
+        """r3f / smart: every forward kept differentiable, one backward of the objective."""
+        try:
+            outs = []
+            for delta in deltas:
+                self.clear()
+                if delta is not None:
+                    self.set_delta(delta)
+                outs.append(self._forward(closure)[0])
+            total = _check_loss(objective(outs))
+            del outs
+            self._backward_params(total)
+        finally:
+            self.clear()
+        return total.detach()
+
+    def forward_only(self, closure: Callable[[], Any], *, teacher: bool = False) -> Any:
+        """A forward without autograd (outside a pass: the hook leaves outputs alone)."""
+        with torch.no_grad():
+            if teacher:
+                return keras.tree.map_structure(_detach, self.teacher_forward(closure))
+            return keras.tree.map_structure(_detach, closure())
+
+    def teacher_forward(self, closure: Callable[[], Any]) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def token_mask(self, like: Any) -> Any:
+        return token_mask_of(self, like, lambda m: m.to(like.dtype).unsqueeze(-1))
+
+    def site_values(self) -> Any:
+        raise NotImplementedError("site_values() belongs to a site made of weights (awp).")
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
 
 def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
     """The wrapped model's torch ``train_step``; metrics see the clean pass."""
@@ -255,6 +331,7 @@ def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
     site = TorchSite(self, adv.stats, adv.target, config.mode)
     predictions: list[Any] = []
     vat = config.method == "vat"
+    pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
 
     def closure() -> Any:
         later = bool(predictions)
@@ -269,13 +346,14 @@ def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
             out = y_pred
         else:
             loss = _private.compute_loss(self, x, y, y_pred, sample_weight)
-            out = (loss, y_pred) if vat else loss
+            out = (loss, y_pred) if pair else loss
         for var, value in zip(metric_vars, saved):
             var.assign(value)
         return out
 
     with adv.hook.activate(site):
         loss = run_method(site, closure, config)
+        count_step(site, config.method)
 
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     _private.loss_tracker(self).update_state(loss, sample_weight=first.shape[0])
