@@ -23,7 +23,7 @@ import keras
 from advgraph._errors import AdvGraphWarning
 
 __all__ = [
-    "COUNT_ONCE", "PAIR_METHODS", "STAT_KEYS", "count_step", "SiteHook", "Perturbation", "StatsBase", "is_reverse_call",
+    "COUNT_ONCE", "PAIR_METHODS", "STAT_KEYS", "check_labels", "count_step", "SiteHook", "Perturbation", "StatsBase", "is_reverse_call",
     "token_mask_of",
 ]
 
@@ -32,6 +32,17 @@ STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")
 PAIR_METHODS = ("vat", "r3f", "smart")
 # Methods that compute no delta from a gradient: each step counts once in ``steps``.
 COUNT_ONCE = ("gp", "r3f", "neftune")
+
+
+def check_labels(method: str, y: Any) -> None:
+    """r3f / smart add their regulariser to the supervised loss: they need ``y``."""
+    if y is None and method in ("r3f", "smart"):
+        from advgraph._errors import received
+
+        raise ValueError(
+            f"method={method!r} adds its regulariser to the supervised loss, so fit() needs "
+            f"labels (fit(x, y)); for an unlabeled batch use method='vat'. {received(y=None)}"
+        )
 
 
 def count_step(site: Any, method: str) -> None:

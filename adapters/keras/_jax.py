@@ -41,7 +41,7 @@ from advgraph._methods import run_method
 from advgraph._ops import jax_keys
 
 from . import _private
-from ._hook import PAIR_METHODS, count_step, StatsBase, token_mask_of
+from ._hook import PAIR_METHODS, check_labels, count_step, StatsBase, token_mask_of
 
 __all__ = ["Stats", "JaxSite", "make_stats", "train_step", "attach", "detach"]
 
@@ -511,6 +511,7 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
     trainable, non_trainable, optimizer_values, metrics_values = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     config = adv.config
+    check_labels(config.method, y)
     vat = config.method == "vat"
     pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
     counters = adv.stats.counters

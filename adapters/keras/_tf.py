@@ -17,7 +17,7 @@ import tensorflow as tf
 from advgraph._methods import run_method
 
 from . import _private
-from ._hook import PAIR_METHODS, count_step
+from ._hook import PAIR_METHODS, check_labels, count_step
 from ._site import MatrixSite, OutputSite, Stats
 
 __all__ = ["make_stats", "train_step"]
@@ -49,6 +49,7 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
     """
     config = state.config
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    check_labels(config.method, y)
     site: Any
     if config.mode == "matrix":
         site = MatrixSite(

@@ -26,7 +26,7 @@ from advgraph._errors import received
 from advgraph._methods import run_method
 
 from . import _private
-from ._hook import PAIR_METHODS, count_step, StatsBase, token_mask_of
+from ._hook import PAIR_METHODS, check_labels, count_step, StatsBase, token_mask_of
 
 __all__ = ["Stats", "TorchSite", "make_stats", "train_step"]
 
@@ -328,6 +328,7 @@ def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
     """The wrapped model's torch ``train_step``; metrics see the clean pass."""
     config = adv.config
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    check_labels(config.method, y)
     site = TorchSite(self, adv.stats, adv.target, config.mode)
     predictions: list[Any] = []
     vat = config.method == "vat"
