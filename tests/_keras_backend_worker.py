@@ -108,8 +108,21 @@ def keras_case(case: dict, d: dict, seen: list) -> dict[str, np.ndarray]:
     model.get_layer("emb").set_weights([d["E"]])
     model.get_layer("fc").set_weights([d["W"], d["b"]])
     wrapped = advgraph.wrap(model, mode=case["mode"], method=case["method"], **knobs(case))
-    logs = wrapped.train_on_batch(d["x"], d["y"], return_dict=True)
+    firsts = {}
+    for step in range(case.get("repeat", 1)):
+        if step == 1:  # the weights after the first step (SMART's teacher mixes them in)
+            firsts = {
+                "E1": np.asarray(model.get_layer("emb").get_weights()[0]),
+                "W1": np.asarray(model.get_layer("fc").get_weights()[0]),
+                "b1": np.asarray(model.get_layer("fc").get_weights()[1]),
+            }
+        logs = wrapped.train_on_batch(d["x"], d["y"], return_dict=True)
+    teacher = getattr(wrapped.__dict__["_advgraph"], "teacher", None)
+    if teacher is not None:  # the teacher's values, in trainable-variable order (E, W, b)
+        for name, var in zip(("tE", "tW", "tb"), teacher.values):
+            firsts[name] = np.asarray(keras.ops.convert_to_numpy(var.value))
     return {
+        **firsts,
         "loss": np.asarray(float(logs["loss"])),
         "E": np.asarray(model.get_layer("emb").get_weights()[0]),
         "W": np.asarray(model.get_layer("fc").get_weights()[0]),
@@ -149,9 +162,10 @@ def torch_case(case: dict, d: dict, seen: list) -> dict[str, np.ndarray]:
             return torch.nn.functional.cross_entropy(logits, y), logits
         return torch.nn.functional.cross_entropy(logits, y)
 
-    optimizer.zero_grad()
-    loss = wrapped.adversarial_step(closure)
-    optimizer.step()
+    for _ in range(case.get("repeat", 1)):
+        optimizer.zero_grad()
+        loss = wrapped.adversarial_step(closure)
+        optimizer.step()
     return {
         "loss": np.asarray(float(loss)),
         "E": emb.weight.detach().numpy().copy(),

@@ -1,11 +1,13 @@
-"""gp, r3f and neftune on the Keras adapter: one step on every Keras backend equals
+"""gp, r3f, neftune and smart on the Keras adapter: one step on every Keras backend equals
 the step of advgraph's PyTorch adapter (same weights, batch and noise) within 1e-5.
 
 Each backend runs in a subprocess (``_keras_backend_worker.py``, as
 ``test_keras_backends.py``). The noise of R3F and NEFTune is made deterministic by
 replacing the core's ``uniform_like`` in every process with the same fixed numpy
 draw (mapped to the range the method asks for), so the frameworks draw the same
-``z``. The compiled step (``tf.function`` / ``jax.jit`` / torch) must update
+``z``; SMART's normal start noise likewise (``normal_like``), and SMART runs two
+steps so that its teacher (a momentum copy of the weights) differs from the
+weights and the proximal term acts. The compiled step (``tf.function`` / ``jax.jit`` / torch) must update
 exactly as the eager one. gp is checked against a step computed by hand in numpy.
 """
 
@@ -16,17 +18,24 @@ import pytest
 
 from test_keras_backends import BACKENDS, TOL, _available, _run_worker, worker
 
+SMART = {"steps": 1, "alpha": 0.5, "noise_eps": 0.3, "smart_lambda": 2.0, "smart_mu": 1.0, "smart_beta": 0.5}
 CASES = [
     ("output", "gp", {}),
     ("matrix", "gp", {}),
     ("output", "r3f", {"noise_eps": 0.5, "r3f_lambda": 2.0}),
     ("matrix", "r3f", {"noise_eps": 0.5, "r3f_lambda": 2.0}),
     ("output", "neftune", {"neftune_alpha": 5.0}),
+    ("output", "smart", SMART),
+    ("matrix", "smart", SMART),
 ]
+REPEAT = {"smart": 2}  # SMART's proximal term is 0 at the first step (teacher = weights)
 
 
 def _cases(eager: bool) -> list[dict]:
-    return [{"mode": m, "method": me, "kwargs": k, "eager": eager} for m, me, k in CASES]
+    return [
+        {"mode": m, "method": me, "kwargs": k, "eager": eager, "repeat": REPEAT.get(me, 1)}
+        for m, me, k in CASES
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +64,23 @@ def test_keras_step_equals_the_pytorch_adapters(runs, i: int) -> None:
         j = i + len(CASES)  # the compiled step updates exactly as the eager one
         for key in ("loss", "E", "W", "b"):
             np.testing.assert_allclose(runs[name][f"{j}/{key}"], runs[name][f"{i}/{key}"], err_msg=f"{name} compiled {key}", **TOL)
-        assert int(runs[name][f"{i}/steps"]) == int(runs[name][f"{j}/steps"]) == 1
+        counted = REPEAT.get(CASES[i][1], 1) * CASES[i][2].get("steps", 1)  # smart: ascent steps
+        assert int(runs[name][f"{i}/steps"]) == int(runs[name][f"{j}/steps"]) == counted
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_smart_teacher_is_the_momentum_average_of_the_weights(runs, mode: str) -> None:
+    """After two steps: theta~ = beta theta_0 + (1 - beta) theta_1 (the first step copied
+    theta_0; the second mixed in the weights after one update), eager and compiled."""
+    i = CASES.index((mode, "smart", SMART))
+    d, beta = worker.data(), SMART["smart_beta"]
+    for name in BACKENDS:
+        if name not in runs:
+            continue
+        for k in (i, i + len(CASES)):
+            for key in ("E", "W", "b"):
+                expected = beta * d[key] + (1 - beta) * runs[name][f"{k}/{key}1"]
+                np.testing.assert_allclose(runs[name][f"{k}/t{key}"], expected, err_msg=f"{name} {key}", rtol=1e-6, atol=1e-6)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ from advgraph._config import AdversarialConfig
 from advgraph._errors import AdvGraphWarning, received
 
 from . import _private
-from ._hook import Perturbation, SiteHook, StatsBase
+from ._hook import Perturbation, SiteHook, StatsBase, Teacher
 from ._routes import (
     is_call_wrapped,
     rewrite_functional,
@@ -62,7 +62,7 @@ logger = logging.getLogger("advgraph")
 __all__ = ["SUPPORTED_METHODS", "wrap", "unwrap", "is_wrapped"]
 
 # The methods the Keras adapter runs, on every backend (advgraph.wrap refuses the rest).
-SUPPORTED_METHODS = ("fgm", "fgsm", "pgd", "freelb", "vat", "gp", "r3f", "neftune")
+SUPPORTED_METHODS = ("fgm", "fgsm", "pgd", "freelb", "vat", "gp", "r3f", "smart", "neftune")
 
 # Instance attributes wrap() sets on the model it returns; unwrap() deletes them.
 _PUBLIC_ATTRS = ("advgraph_stats", "advgraph_route", "advgraph_target", "advgraph_config")
@@ -92,6 +92,7 @@ class _State:
     backend: str = "tensorflow"
     step: Callable[..., Any] | None = None  # the function bound as train_step
     shared_matrix: bool = True  # mode='matrix': other layers may read the matrix (tied head)
+    teacher: Teacher | None = None  # method='smart' with smart_mu > 0
 
 
 def is_wrapped(model: Any) -> bool:
@@ -343,6 +344,30 @@ def _install_output(
     return new, route, model, pert, None
 
 
+def _make_teacher(host: keras.Model, config: AdversarialConfig, backend: str) -> Teacher | None:
+    """SMART's teacher (``smart_mu > 0``): one value per trainable variable, made now
+    (TensorFlow cannot create variables inside the compiled step)."""
+    if config.method != "smart" or not config.smart_mu > 0:
+        return None
+    sources = list(host.trainable_variables)
+    if not sources:
+        raise ValueError(
+            "method='smart' keeps a momentum teacher of the trainable weights, so the model "
+            "must be built before advgraph.wrap() (call it once on a batch, or give it an "
+            f"Input). {received(model=host.name, trainable_weights=0)}"
+        )
+    scope = (
+        host.distribute_strategy.scope()
+        if backend == "tensorflow" and getattr(host, "_distribute_strategy", None) is not None
+        else contextlib.nullcontext()
+    )
+    with scope:
+        teacher = Teacher(sources, keras.backend.standardize_dtype(host.optimizer.iterations.dtype))
+    if backend == "jax":  # carried through the jitted step in the metrics' state
+        _private.tracked_metrics(host).append(teacher)
+    return teacher
+
+
 def _attach(host: keras.Model, state: _State) -> None:
     setattr_ = object.__setattr__  # not tracked by Keras / tf.Module
     setattr_(host, "_advgraph", state)
@@ -404,6 +429,7 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
     else:
         host, route, original, perturbation, undo = _install_output(model, path, layer, hook)
     stats = module.make_stats(host)
+    teacher = _make_teacher(host, config, backend)
     state = _State(
         config=config,
         stats=stats,
@@ -416,6 +442,7 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
         undo=undo,
         backend=backend,
         shared_matrix=shared_matrix,
+        teacher=teacher,
     )
     _attach(host, state)
     logger.info(
@@ -447,6 +474,11 @@ def unwrap(model: keras.Model) -> keras.Model:
     detach = getattr(_backend_module(state.backend), "detach", None)
     if detach is not None:
         detach(model, state.stats)
+    metrics = _private.tracked_metrics(model)
+    for i, metric in enumerate(metrics):
+        if metric is state.teacher:
+            del metrics[i]
+            break
     for name in _METHOD_ATTRS + _PUBLIC_ATTRS + ("_advgraph",):
         if name in model.__dict__:
             object.__delattr__(model, name)

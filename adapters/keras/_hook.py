@@ -210,3 +210,50 @@ class Perturbation(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return super().get_config()
+
+
+class Teacher(keras.metrics.Metric):
+    """SMART's momentum teacher: one value per trainable variable of the wrapped model.
+
+    ``theta~ <- beta * theta~ + (1 - beta) * theta``; the first update copies
+    ``theta``. It moves at most once per optimizer step: an update when
+    ``optimizer.iterations`` did not move since the last one leaves it alone.
+    Written with ``keras.ops`` once for every backend: TensorFlow and torch assign
+    the variables (in-graph on TensorFlow); JAX runs it in a ``StatelessScope`` and
+    carries the values in the jitted step's state (the teacher is a metric tracked
+    by the model there, as the step counters). Nothing shows in the logs.
+    """
+
+    def __init__(self, sources: list[Any], iterations_dtype: str, name: str = "advgraph_teacher") -> None:
+        super().__init__(name=name)
+        self.values = [
+            self.add_variable(
+                shape=tuple(v.shape), initializer="zeros", dtype=v.dtype, name=f"teacher_{i}"
+            )
+            for i, v in enumerate(sources)
+        ]
+        self.ready = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="ready")
+        self.last = self.add_variable(
+            shape=(), initializer="zeros", dtype=iterations_dtype, name="last_iteration"
+        )
+
+    def update_state(self, *args: Any, **kwargs: Any) -> None:
+        """Updated by the adversarial step only."""
+
+    def result(self) -> dict[str, Any]:
+        return {}
+
+    def reset_state(self) -> None:
+        """The teacher persists across epochs and evaluations."""
+
+    def update(self, current: list[Any], beta: float, iterations: Any) -> None:
+        """One momentum update from the trainable values ``current`` (see the class)."""
+        ops = keras.ops
+        first = ops.equal(self.ready.value, 0)
+        moved = ops.not_equal(self.last.value, ops.cast(iterations, self.last.dtype))
+        for t, w in zip(self.values, current):
+            w = ops.cast(ops.stop_gradient(w), t.dtype)
+            mixed = t.value * beta + w * (1.0 - beta)
+            t.assign(ops.where(first, w, ops.where(moved, mixed, t.value)))
+        self.ready.assign(ops.ones((), "int32"))
+        self.last.assign(ops.cast(iterations, self.last.dtype))

@@ -468,8 +468,26 @@ class JaxSite:
             self._absorb(report)
         return jax.tree.map(jax.lax.stop_gradient, out)
 
-    def teacher_values(self) -> list[Any]:  # pragma: no cover
-        raise NotImplementedError
+    teacher: Any = None  # SMART's Teacher (a metric carried in the step's state)
+    teacher_state: list[Any] | None = None  # its variables' values (in, then out)
+
+    def update_teacher(self, beta: float) -> None:
+        """The Teacher's update, run statelessly on the values the step carries."""
+        assert self.teacher_state is not None
+        optimizer = self.model.optimizer
+        own = list(self.teacher.variables)
+        mapping = list(zip(own, self.teacher_state))
+        mapping += list(zip(optimizer.variables, self.optimizer_values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self.teacher.update(self.trainable, beta, optimizer.iterations)
+        self.teacher_state = [
+            value if scope.get_current_value(v) is None else scope.get_current_value(v)
+            for v, value in zip(own, self.teacher_state)
+        ]
+
+    def teacher_values(self) -> list[Any]:
+        assert self.teacher_state is not None
+        return self.teacher_state[: len(self.teacher.values)]
 
     def token_mask(self, like: Any) -> Any:
         return token_mask_of(self, like, lambda m: jnp.asarray(m, like.dtype)[..., None])
@@ -555,6 +573,12 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
         site.report(y_pred=y_pred, non_trainable=n, metrics=m)
         return (loss, y_pred) if pair else loss
 
+    teacher_slots: list[int] = []
+    if adv.teacher is not None:
+        site.teacher = adv.teacher
+        teacher_slots = [slots[id(v)] for v in adv.teacher.variables]
+        site.teacher_state = [metrics_values[i] for i in teacher_slots]
+
     with adv.hook.activate(site), jax_keys(site.next_key):
         loss = run_method(site, closure, config)
         count_step(site, config.method)
@@ -572,4 +596,6 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
     )
     new_metrics[counts_slot] = metrics_values[counts_slot] + site.counts
     new_metrics[key_slot] = jax.random.key_data(site.key)
+    for i, value in zip(teacher_slots, site.teacher_state or []):
+        new_metrics[i] = value
     return logs, (new_trainable, site.non_trainable, new_optimizer, new_metrics)

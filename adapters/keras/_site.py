@@ -303,8 +303,23 @@ class _KerasSite:
             return self.teacher_forward(closure)
         return tf.nest.map_structure(tf.stop_gradient, closure())
 
-    def teacher_forward(self, closure: Callable[[], Any]) -> Any:  # pragma: no cover
-        raise NotImplementedError
+    teacher: Any = None  # SMART's Teacher (set by the train step)
+    teacher_pass = False  # the closure's forward is the teacher's (metrics skip it)
+
+    def update_teacher(self, beta: float) -> None:
+        if not self.variables:
+            self.variables = list(self.model.trainable_variables)
+        self.teacher.update([v.value for v in self.variables], beta, self.model.optimizer.iterations)
+
+    def teacher_forward(self, closure: Callable[[], Any]) -> Any:
+        """The closure with the teacher's values read for the trainable variables."""
+        mapping = [(v, t.value) for v, t in zip(self.variables, self.teacher.values)]
+        self.teacher_pass = True
+        try:
+            with keras.StatelessScope(state_mapping=mapping):
+                return tf.nest.map_structure(tf.stop_gradient, closure())
+        finally:
+            self.teacher_pass = False
 
     def token_mask(self, like: Any) -> Any:
         return token_mask_of(self, like, lambda m: tf.cast(m, like.dtype)[..., None])

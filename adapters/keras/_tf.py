@@ -61,6 +61,7 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
         )
     else:
         site = OutputSite(self, state.stats)
+    site.teacher = state.teacher
     predictions: list[Any] = []
     vat = config.method == "vat"
     pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
@@ -76,7 +77,8 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
             y_pred = self(x, training=True)
         else:
             y_pred = self(x)
-        predictions.append(y_pred)
+        if not site.teacher_pass:  # SMART's teacher forward: not the clean pass
+            predictions.append(y_pred)
         if vat and y is None:  # unlabeled batch: VAT needs the logits only
             out = y_pred
         else:

@@ -310,8 +310,22 @@ class TorchSite:
                 return keras.tree.map_structure(_detach, self.teacher_forward(closure))
             return keras.tree.map_structure(_detach, closure())
 
-    def teacher_forward(self, closure: Callable[[], Any]) -> Any:  # pragma: no cover
-        raise NotImplementedError
+    teacher: Any = None  # SMART's Teacher (set by the train step)
+    teacher_pass = False  # the closure's forward is the teacher's (metrics skip it)
+
+    def update_teacher(self, beta: float) -> None:
+        with torch.no_grad():
+            self.teacher.update([v.value for v in self.variables], beta, self.model.optimizer.iterations)
+
+    def teacher_forward(self, closure: Callable[[], Any]) -> Any:
+        """The closure with the teacher's values read for the trainable variables."""
+        mapping = [(v, t.value) for v, t in zip(self.variables, self.teacher.values)]
+        self.teacher_pass = True
+        try:
+            with keras.StatelessScope(state_mapping=mapping):
+                return closure()
+        finally:
+            self.teacher_pass = False
 
     def token_mask(self, like: Any) -> Any:
         return token_mask_of(self, like, lambda m: m.to(like.dtype).unsqueeze(-1))
@@ -330,6 +344,7 @@ def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     check_labels(config.method, y)
     site = TorchSite(self, adv.stats, adv.target, config.mode)
+    site.teacher = adv.teacher
     predictions: list[Any] = []
     vat = config.method == "vat"
     pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
@@ -342,7 +357,8 @@ def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
             y_pred = self(x, training=True)
         else:
             y_pred = self(x)
-        predictions.append(y_pred)
+        if not site.teacher_pass:  # SMART's teacher forward: not the clean pass
+            predictions.append(y_pred)
         if vat and y is None:
             out = y_pred
         else:
