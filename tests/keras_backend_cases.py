@@ -353,8 +353,21 @@ def test_tf_error_inside_the_compiled_step_leaves_the_embedding_unperturbed(mode
 
 # -- gp, r3f, neftune (issue 13) -----------------------------------------------------
 
-NEW_METHODS = [("gp", "output"), ("gp", "matrix"), ("r3f", "output"), ("r3f", "matrix"), ("neftune", "output")]
-NEW_KNOBS = {"gp": {"epsilon": 0.5}, "r3f": {"noise_eps": 0.1}, "neftune": {"neftune_alpha": 5.0}}
+NEW_METHODS = [
+    ("gp", "output"), ("gp", "matrix"), ("r3f", "output"), ("r3f", "matrix"), ("neftune", "output"),
+    ("smart", "output"), ("smart", "matrix"),
+]
+NEW_KNOBS = {
+    "gp": {"epsilon": 0.5},
+    "r3f": {"noise_eps": 0.1},
+    "neftune": {"neftune_alpha": 5.0},
+    "smart": {"steps": 1, "smart_mu": 1.0},
+}
+# Forwards per step: gp 1 (double backward), r3f 2 (one backward through both),
+# neftune 1, smart 5 (teacher and clean forwards without backward, 1 ascent pass,
+# clean + noisy forwards of the joint pass).
+FORWARDS = {"gp": 1, "r3f": 2, "neftune": 1, "smart": 5}
+COUNTED = {"gp": 1, "r3f": 1, "neftune": 1, "smart": 1}  # steps: smart counts its ascent steps
 
 
 class Counter(keras.layers.Layer):
@@ -372,8 +385,8 @@ class Counter(keras.layers.Layer):
 
 @pytest.mark.parametrize("method, mode", NEW_METHODS)
 def test_new_methods_train_count_and_forward_once_or_twice(method: str, mode: str) -> None:
-    """Forwards per step: gp 1 (a double backward), r3f 2 (clean + noisy, one backward),
-    neftune 1; ``steps`` counts each step once; rows no batch touched keep their bytes."""
+    """Forwards per step (``FORWARDS``); ``steps`` counts each step once (smart: each
+    ascent step); rows no batch touched keep their bytes."""
     counter = Counter()
     inp = keras.Input((L,), dtype="int32")
     h = counter(keras.layers.Embedding(V, D, name="emb")(inp))
@@ -387,8 +400,8 @@ def test_new_methods_train_count_and_forward_once_or_twice(method: str, mode: st
     history = wrapped.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
     assert np.isfinite(history.history["loss"]).all()
     probe = 1 if BACKEND == "jax" else 0  # JAX: jax.eval_shape of the output's shape, no compute
-    assert counter.calls == 2 * ({"gp": 1, "r3f": 2, "neftune": 1}[method] + probe)
-    assert dict(wrapped.advgraph_stats) == {"steps": 2, "skipped_nonfinite": 0, "skipped_zero": 0}
+    assert counter.calls == 2 * (FORWARDS[method] + probe)
+    assert dict(wrapped.advgraph_stats) == {"steps": 2 * COUNTED[method], "skipped_nonfinite": 0, "skipped_zero": 0}
     after = np.asarray(keras.ops.convert_to_numpy(emb_of(model).embeddings.value))
     assert after[V - 4 :].tobytes() == untouched.tobytes()
 
@@ -518,7 +531,7 @@ def _record(value, seen: list) -> None:
         seen.append(value.numpy())
 
 
-@pytest.mark.parametrize("method", ["smart", "awp"])
+@pytest.mark.parametrize("method", ["awp"])
 def test_methods_not_on_keras_yet_are_a_clear_error_and_model_untouched(method: str) -> None:
     model = build()
     before = [np.asarray(keras.ops.convert_to_numpy(w)).tobytes() for w in model.weights]
@@ -535,13 +548,35 @@ def test_neftune_in_matrix_mode_is_rejected() -> None:
     assert not advgraph.is_wrapped(model)
 
 
-def test_r3f_on_an_unlabeled_batch_is_a_clear_error() -> None:
-    """r3f compares the clean and noisy outputs *and* needs the supervised loss."""
+@pytest.mark.parametrize("method", ["r3f", "smart"])
+def test_r3f_smart_on_an_unlabeled_batch_is_a_clear_error(method: str) -> None:
+    """r3f / smart add their regulariser to the supervised loss: they need labels."""
     model = build()
-    wrapped = advgraph.wrap(model, method="r3f")
+    wrapped = advgraph.wrap(model, method=method)
     x, y = data()
     wrapped.train_on_batch(x, y)  # built (Keras' own checks of y ran on a labeled batch)
     before = matrix_bytes(model)
     with pytest.raises(ValueError, match="Received: y=None"):
         wrapped.train_on_batch(x)
     assert matrix_bytes(model) == before
+
+
+def test_smart_on_an_unbuilt_model_is_a_clear_error() -> None:
+    """The teacher copies the trainable weights: they must exist at wrap() time."""
+    model = keras.Sequential([keras.layers.Embedding(V, D), keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(C)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="Received: model=.*trainable_weights=0"):
+        advgraph.wrap(model, method="smart", smart_mu=1.0)
+    assert not advgraph.is_wrapped(model)
+
+
+def test_smart_teacher_is_not_in_logs_and_unwrap_removes_it() -> None:
+    x, y = data()
+    model = build()
+    metrics_before = len(model.metrics)
+    wrapped = advgraph.wrap(model, method="smart", smart_mu=1.0, smart_beta=0.9)
+    history = wrapped.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert set(history.history) == {"loss", "accuracy"}
+    plain = advgraph.unwrap(wrapped)
+    assert not any("teacher" in m.name for m in plain.metrics)
+    assert len(plain.metrics) == metrics_before
