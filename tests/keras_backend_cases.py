@@ -580,3 +580,34 @@ def test_smart_teacher_is_not_in_logs_and_unwrap_removes_it() -> None:
     plain = advgraph.unwrap(wrapped)
     assert not any("teacher" in m.name for m in plain.metrics)
     assert len(plain.metrics) == metrics_before
+
+
+def test_r3f_matrix_with_a_tied_head_is_refused_on_torch_only() -> None:
+    """torch edits the matrix in place for the noisy forward; a tied head's graph from
+    the clean forward would be differentiated at the perturbed values: refused there."""
+
+    class TiedHead(keras.layers.Layer):
+        def __init__(self, matrix) -> None:
+            super().__init__()
+            self.matrix = matrix  # tracked: the matrix is one of this layer's weights
+
+        def call(self, h):
+            return keras.ops.matmul(h, keras.ops.transpose(self.matrix))
+
+    inp = keras.Input((L,), dtype="int32")
+    emb = keras.layers.Embedding(V, D, name="emb")
+    emb.build((None, L))
+    out = TiedHead(emb.embeddings)(keras.layers.GlobalAveragePooling1D()(emb(inp)))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AdvGraphWarning)
+        if BACKEND == "torch":
+            with pytest.raises(ValueError, match="Received: method='r3f', target='emb', matrix_shared=True"):
+                advgraph.wrap(model, mode="matrix", method="r3f")
+            assert not advgraph.is_wrapped(model)
+        else:
+            wrapped = advgraph.wrap(model, mode="matrix", method="r3f")
+            x, y = data()
+            wrapped.train_on_batch(x, y % C)
+            assert wrapped.advgraph_stats["steps"] == 1

@@ -423,6 +423,15 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
     hook = SiteHook(config.mode, path)
     if config.mode == "matrix":
         shared_matrix = _check_matrix_target(model, path, layer)
+        if shared_matrix and backend == "torch" and config.method in ("r3f", "smart"):
+            # The noisy forward edits the matrix in place while the clean forward's graph
+            # (a tied head's matmul) still holds it for the one backward through both.
+            raise ValueError(
+                f"method={config.method!r} in mode='matrix' on the torch backend needs an "
+                "embedding matrix no other layer reads (a tied output head would be "
+                f"differentiated at the perturbed values); use mode='output'. "
+                f"{received(method=config.method, target=path, matrix_shared=True)}"
+            )
         _check_not_shared(path, layer)
         undo = wrap_call(layer, hook, before=True)  # the ids, then the lookup's output
         host, route = model, "matrix"
