@@ -531,14 +531,86 @@ def _record(value, seen: list) -> None:
         seen.append(value.numpy())
 
 
-@pytest.mark.parametrize("method", ["awp"])
-def test_methods_not_on_keras_yet_are_a_clear_error_and_model_untouched(method: str) -> None:
+def _all_bytes(model: keras.Model) -> list[bytes]:
+    return [np.asarray(keras.ops.convert_to_numpy(w)).tobytes() for w in model.weights]
+
+
+def test_awp_bad_targets_are_a_clear_error_and_model_untouched() -> None:
     model = build()
-    before = [np.asarray(keras.ops.convert_to_numpy(w)).tobytes() for w in model.weights]
-    with pytest.raises(ValueError, match=f"Received: method='{method}', framework='keras'"):
-        advgraph.wrap(model, method=method)
-    assert not advgraph.is_wrapped(model)
-    assert [np.asarray(keras.ops.convert_to_numpy(w)).tobytes() for w in model.weights] == before
+    before, step = _all_bytes(model), model.train_step
+    pool = next(l.name for l in model.layers if isinstance(l, keras.layers.GlobalAveragePooling1D))
+    with pytest.raises(ValueError, match="Received: target="):  # a layer without weights
+        advgraph.wrap(model, method="awp", target=pool)
+    with pytest.raises(ValueError, match="Received: target="):
+        advgraph.wrap(model, method="awp", target="no_such_layer")
+    with pytest.raises(ValueError, match="Received: method='awp', mode='matrix'"):
+        advgraph.wrap(model, method="awp", mode="matrix")
+    assert not advgraph.is_wrapped(model) and model.train_step == step
+    assert _all_bytes(model) == before
+
+
+def test_awp_perturbs_kernels_embeddings_and_scales_not_biases() -> None:
+    inp = keras.Input((L,), dtype="int32")
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(V, D, name="emb")(inp))
+    out = keras.layers.Dense(C, name="fc")(keras.layers.LayerNormalization(name="ln")(h))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    wrapped = advgraph.wrap(model, method="awp", target="")
+    names = sorted(w.path for w in wrapped.__dict__["_advgraph"].weights)
+    assert names == ["emb/embeddings", "fc/kernel", "ln/gamma"]
+    advgraph.unwrap(wrapped)
+    wrapped = advgraph.wrap(model, method="awp", target="fc, ln")
+    assert sorted(w.path for w in wrapped.__dict__["_advgraph"].weights) == ["fc/kernel", "ln/gamma"]
+    assert wrapped.advgraph_route == "weights" and wrapped.advgraph_target == "fc,ln"
+
+
+def test_awp_restores_every_weight_exactly_and_runs_two_forwards() -> None:
+    """With a learning rate of 0 the optimizer changes nothing, so after AWP steps every
+    weight must hold its bytes: the perturbation is gone (TF / torch: assigned back;
+    JAX: never stored). Two forwards per step; ``steps`` counts steps, not weights."""
+    counter = Counter()
+    inp = keras.Input((L,), dtype="int32")
+    h = keras.layers.GlobalAveragePooling1D()(counter(keras.layers.Embedding(V, D)(inp)))
+    out = keras.layers.Dense(C)(keras.layers.LayerNormalization()(h))
+    model = keras.Model(inp, out)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), run_eagerly=True,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    wrapped = advgraph.wrap(model, method="awp", target="", adv_lr=0.5, adv_eps=0.5)
+    before = _all_bytes(model)
+    counter.calls = 0
+    wrapped.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    assert counter.calls == 2 * 2
+    assert _all_bytes(model) == before
+    assert dict(wrapped.advgraph_stats) == {"steps": 2, "skipped_nonfinite": 0, "skipped_zero": 0}
+
+
+def test_awp_error_in_the_adversarial_pass_restores_the_weights() -> None:
+    class Bomb(keras.layers.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.armed, self.calls = False, 0
+
+        def call(self, h, training=None):
+            if training and self.armed:
+                self.calls += 1
+                if self.calls == 2:
+                    raise RuntimeError("boom in the adversarial forward")
+            return h
+
+    bomb = Bomb()
+    inp = keras.Input((L,), dtype="int32")
+    out = keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(bomb(keras.layers.Embedding(V, D)(inp))))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  run_eagerly=BACKEND == "tensorflow")
+    x, y = data()
+    wrapped = advgraph.wrap(model, method="awp", target="", adv_lr=0.5, adv_eps=0.5)
+    before = _all_bytes(model)
+    bomb.armed = True
+    with pytest.raises(Exception, match="boom"):
+        wrapped.train_on_batch(x, y)
+    assert _all_bytes(model) == before
 
 
 def test_neftune_in_matrix_mode_is_rejected() -> None:

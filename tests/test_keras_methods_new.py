@@ -1,4 +1,4 @@
-"""gp, r3f, neftune and smart on the Keras adapter: one step on every Keras backend equals
+"""gp, r3f, neftune, smart and awp on the Keras adapter: one step on every Keras backend equals
 the step of advgraph's PyTorch adapter (same weights, batch and noise) within 1e-5.
 
 Each backend runs in a subprocess (``_keras_backend_worker.py``, as
@@ -19,6 +19,7 @@ import pytest
 from test_keras_backends import BACKENDS, TOL, _available, _run_worker, worker
 
 SMART = {"steps": 1, "alpha": 0.5, "noise_eps": 0.3, "smart_lambda": 2.0, "smart_mu": 1.0, "smart_beta": 0.5}
+AWP = {"adv_lr": 0.5, "adv_eps": 0.05}
 CASES = [
     ("output", "gp", {}),
     ("matrix", "gp", {}),
@@ -27,6 +28,8 @@ CASES = [
     ("output", "neftune", {"neftune_alpha": 5.0}),
     ("output", "smart", SMART),
     ("matrix", "smart", SMART),
+    ("output", "awp", AWP),  # target "embedding": the embedding matrix
+    ("output", "awp", {**AWP, "target": "", "objective": "clean+adv"}),  # every weight
 ]
 REPEAT = {"smart": 2}  # SMART's proximal term is 0 at the first step (teacher = weights)
 
@@ -51,7 +54,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     return results
 
 
-@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{m}-{me}" for m, me, _ in CASES])
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[f"{m}-{me}-{i}" for i, (m, me, _) in enumerate(CASES)])
 def test_keras_step_equals_the_pytorch_adapters(runs, i: int) -> None:
     reference = runs["torch-adapter"]
     d = worker.data()

@@ -55,14 +55,14 @@ from ._routes import (
     rewrite_sequential,
     wrap_call,
 )
-from ._target import find_target, iter_layers
+from ._target import awp_variables, find_target, iter_layers
 
 logger = logging.getLogger("advgraph")
 
 __all__ = ["SUPPORTED_METHODS", "wrap", "unwrap", "is_wrapped"]
 
 # The methods the Keras adapter runs, on every backend (advgraph.wrap refuses the rest).
-SUPPORTED_METHODS = ("fgm", "fgsm", "pgd", "freelb", "vat", "gp", "r3f", "smart", "neftune")
+SUPPORTED_METHODS = ("fgm", "fgsm", "pgd", "freelb", "vat", "gp", "r3f", "smart", "neftune", "awp")
 
 # Instance attributes wrap() sets on the model it returns; unwrap() deletes them.
 _PUBLIC_ATTRS = ("advgraph_stats", "advgraph_route", "advgraph_target", "advgraph_config")
@@ -93,6 +93,7 @@ class _State:
     step: Callable[..., Any] | None = None  # the function bound as train_step
     shared_matrix: bool = True  # mode='matrix': other layers may read the matrix (tied head)
     teacher: Teacher | None = None  # method='smart' with smart_mu > 0
+    weights: list[Any] | None = None  # method='awp': the perturbed variables
 
 
 def is_wrapped(model: Any) -> bool:
@@ -415,6 +416,8 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
     """
     backend = _check_model(model)
     module = _backend_module(backend)
+    if config.mode == "weights":
+        return _wrap_weights(model, target, config, backend)
     path, layer = find_target(model, target)
     original: keras.Model | None = None
     perturbation: Perturbation | None = None
@@ -466,6 +469,24 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
         path,
     )
     return host
+
+
+def _wrap_weights(model: keras.Model, target: Any, config: AdversarialConfig, backend: str) -> keras.Model:
+    """method='awp': the site is a set of variables (no hook; the same model object)."""
+    path, weights = awp_variables(model, target)
+    state = _State(
+        config=config,
+        stats=_backend_module(backend).make_stats(model),
+        route="weights",
+        target_path=path,
+        target=model,
+        hook=SiteHook(config.mode, path),
+        backend=backend,
+        weights=weights,
+    )
+    _attach(model, state)
+    logger.info("advgraph: wrapped %s: method=awp, %d weights under %r", type(model).__name__, len(weights), path)
+    return model
 
 
 def unwrap(model: keras.Model) -> keras.Model:

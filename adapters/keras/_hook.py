@@ -23,7 +23,7 @@ import keras
 from advgraph._errors import AdvGraphWarning
 
 __all__ = [
-    "COUNT_ONCE", "PAIR_METHODS", "STAT_KEYS", "check_labels", "count_step", "SiteHook", "Perturbation", "StatsBase", "is_reverse_call",
+    "COUNT_ONCE", "PAIR_METHODS", "STAT_KEYS", "RecordOnce", "check_labels", "count_step", "SiteHook", "Perturbation", "StatsBase", "is_reverse_call",
     "token_mask_of",
 ]
 
@@ -46,11 +46,35 @@ def check_labels(method: str, y: Any) -> None:
 
 
 def count_step(site: Any, method: str) -> None:
-    """Count a step of a method whose passes record nothing (``steps`` += 1)."""
+    """Count a step of a method whose passes record nothing (``steps`` += 1); awp:
+    one count for the step's weights together (see :class:`RecordOnce`)."""
     if method in COUNT_ONCE:
         from advgraph._delta import DeltaResult
 
         site.record(DeltaResult(None, False, False))
+    elif method == "awp":
+        site.flush_records()
+
+
+class RecordOnce:
+    """Mixin for the weight sites (awp): the per-weight skip flags of a step are
+    gathered and counted once, so ``steps`` counts steps, not weights."""
+
+    def record(self, result: Any) -> None:
+        self.__dict__.setdefault("_results", []).append(result)
+
+    def flush_records(self) -> None:
+        from advgraph._delta import DeltaResult
+
+        results = self.__dict__.pop("_results", [])
+        if results:
+            ops = keras.ops
+            nonfinite = ops.any(ops.stack([ops.any(r.nonfinite) for r in results]))
+            zero = ops.any(ops.stack([ops.any(r.zero) for r in results]))
+            self.record_once(DeltaResult(None, nonfinite, zero))
+
+    def record_once(self, result: Any) -> None:  # pragma: no cover - each site sets it
+        raise NotImplementedError
 
 
 def token_mask_of(site: Any, like: Any, cast: Any) -> Any:

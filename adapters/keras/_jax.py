@@ -41,9 +41,9 @@ from advgraph._methods import run_method
 from advgraph._ops import jax_keys
 
 from . import _private
-from ._hook import PAIR_METHODS, check_labels, count_step, StatsBase, token_mask_of
+from ._hook import PAIR_METHODS, RecordOnce, check_labels, count_step, StatsBase, token_mask_of
 
-__all__ = ["Stats", "JaxSite", "make_stats", "train_step", "attach", "detach"]
+__all__ = ["Stats", "JaxSite", "WeightSite", "make_stats", "train_step", "attach", "detach"]
 
 
 class _Counters(keras.metrics.Metric):
@@ -496,6 +496,68 @@ class JaxSite:
         raise NotImplementedError("site_values() belongs to a site made of weights (awp).")
 
 
+class WeightSite(RecordOnce, JaxSite):
+    """method='awp': delta on a set of trainable variables, functionally: each pass
+    differentiates at ``value + delta`` (handed to the stateless call); nothing
+    stored is written, so nothing is restored."""
+
+    record_once = JaxSite.record
+
+    def __init__(self, *args: Any, indices: list[int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.indices = list(indices)  # positions of the perturbed variables in trainable
+
+    def in_pass(self) -> bool:
+        return False  # no hook; values() reads the pass through _pass
+
+    def _perturbed(self, trainable: list[Any]) -> list[Any]:
+        if self.delta is None:
+            return trainable
+        out = list(trainable)
+        for j, d in zip(self.indices, self.delta):
+            out[j] = trainable[j] + d.astype(trainable[j].dtype)
+        return out
+
+    def forward_backward(
+        self,
+        closure: Callable[[], Any],
+        *,
+        param_grads: bool,
+        scale: float = 1.0,
+        allow_none: bool = False,
+        keep_grad: bool = True,
+    ) -> Any:
+        def f(trainable: list[Any]) -> Any:
+            self._pass = {"trainable": self._perturbed(trainable), "report": {}}
+            try:
+                out = closure()
+                report = self._pass["report"]
+            finally:
+                self._pass = None
+            loss = _check_loss(out)
+            target = loss if scale == 1.0 else loss * jnp.asarray(scale, loss.dtype)
+            return self._scaled(target), (loss, report)
+
+        (_, (loss, report)), grads = jax.value_and_grad(f, has_aux=True)(self.trainable)
+        self._absorb(report)
+        if keep_grad:
+            self._grad = tuple(grads[j] for j in self.indices)
+        if param_grads:
+            self._accumulate(grads)
+        return jax.lax.stop_gradient(loss)
+
+    def site_values(self) -> Any:
+        return tuple(self.trainable[j] for j in self.indices)
+
+    def set_delta(self, delta: Any) -> None:
+        if callable(delta) or not isinstance(delta, tuple):
+            raise TypeError(
+                "advgraph internal error: the weight site takes one delta per weight (a tuple). "
+                f"{received(delta=type(delta).__name__)}"
+            )
+        self.delta = delta
+
+
 def _embeddings(layer: keras.layers.Layer) -> Any:
     return getattr(layer, "embeddings", None)
 
@@ -548,7 +610,12 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
             jax.tree.map(spec, x),
         )
 
-    site = JaxSite(
+    site_class: Any = JaxSite
+    extra: dict[str, Any] = {}
+    if config.mode == "weights":
+        position = {id(v): i for i, v in enumerate(self.trainable_variables)}
+        site_class, extra = WeightSite, {"indices": [position[id(w)] for w in adv.weights]}
+    site = site_class(
         self,
         adv.target,
         config.mode,
@@ -558,6 +625,7 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
         jax.random.wrap_key_data(metrics_values[key_slot]),
         probe,
         adv.shared_matrix,
+        **extra,
     )
 
     def closure() -> Any:

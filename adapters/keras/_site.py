@@ -54,9 +54,9 @@ import tensorflow as tf
 from advgraph._delta import DeltaResult
 from advgraph._errors import received
 
-from ._hook import STAT_KEYS, Perturbation, SiteHook, StatsBase, is_reverse_call, token_mask_of
+from ._hook import STAT_KEYS, Perturbation, RecordOnce, SiteHook, StatsBase, is_reverse_call, token_mask_of
 
-__all__ = ["Stats", "SiteHook", "OutputSite", "MatrixSite", "Perturbation", "add_grads"]
+__all__ = ["Stats", "SiteHook", "OutputSite", "MatrixSite", "WeightSite", "Perturbation", "add_grads"]
 
 
 def _all_reduce_sum(value: Any) -> Any:
@@ -585,3 +585,58 @@ class MatrixSite(_KerasSite):
         self._pending = None
         self.rows_delta = None
         self._restore()
+
+
+class WeightSite(RecordOnce, _KerasSite):
+    """method='awp': delta on a set of variables (one array per variable, a tuple).
+
+    The gradient at the site is this pass's gradient of each variable (dense). The
+    perturbed values are assigned; restore assigns the values read before (bit-exact).
+    """
+
+    mode = "weights"
+
+    record_once = _KerasSite.record
+
+    def __init__(self, model: keras.Model, stats: Stats, weights: list[Any]) -> None:
+        super().__init__(model, stats)
+        self.weights = list(weights)
+        self._chosen: list[int] = []
+        self._saved: list[Any] | None = None
+
+    def in_pass(self) -> bool:
+        return False  # no hook: nothing happens at a layer's output
+
+    def _sources(self) -> list[Any]:
+        return list(self.weights)
+
+    def _take_grad(self, grads: list[Any]) -> None:
+        # Weights the loss does not reach (no gradient) are left alone, as on PyTorch.
+        self._chosen = [i for i, g in enumerate(grads) if g is not None]
+        if not self._chosen:
+            raise RuntimeError(
+                "No gradient at the perturbed weights: the loss does not depend on them. "
+                f"{received(weights=len(self.weights))}"
+            )
+        self._grad = tuple(tf.convert_to_tensor(grads[i]) for i in self._chosen)
+
+    def site_values(self) -> Any:
+        return tuple(tf.identity(self.weights[i].value) for i in self._chosen)
+
+    def set_delta(self, delta: Any) -> None:
+        if callable(delta) or not isinstance(delta, tuple):
+            raise TypeError(
+                "advgraph internal error: the weight site takes one delta per weight (a tuple). "
+                f"{received(delta=type(delta).__name__)}"
+            )
+        chosen = [self.weights[i] for i in self._chosen]
+        if self._saved is None:
+            self._saved = [tf.identity(v.value) for v in chosen]
+        for var, saved, d in zip(chosen, self._saved, delta):
+            var.assign(saved + tf.cast(d, saved.dtype))
+
+    def clear(self) -> None:
+        if self._saved is not None:
+            for var, saved in zip([self.weights[i] for i in self._chosen], self._saved):
+                var.assign(saved)
+            self._saved = None

@@ -18,7 +18,7 @@ from advgraph._methods import run_method
 
 from . import _private
 from ._hook import PAIR_METHODS, check_labels, count_step
-from ._site import MatrixSite, OutputSite, Stats
+from ._site import MatrixSite, OutputSite, Stats, WeightSite
 
 __all__ = ["make_stats", "train_step"]
 
@@ -59,6 +59,8 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
             static_shapes=bool(self.jit_compile),
             whole_matrix=state.shared_matrix,
         )
+    elif config.mode == "weights":
+        site = WeightSite(self, state.stats, state.weights)
     else:
         site = OutputSite(self, state.stats)
     site.teacher = state.teacher

@@ -26,9 +26,9 @@ from advgraph._errors import received
 from advgraph._methods import run_method
 
 from . import _private
-from ._hook import PAIR_METHODS, check_labels, count_step, StatsBase, token_mask_of
+from ._hook import PAIR_METHODS, RecordOnce, check_labels, count_step, StatsBase, token_mask_of
 
-__all__ = ["Stats", "TorchSite", "make_stats", "train_step"]
+__all__ = ["Stats", "TorchSite", "WeightSite", "make_stats", "train_step"]
 
 
 class Stats(StatsBase):
@@ -334,6 +334,90 @@ class TorchSite:
         raise NotImplementedError("site_values() belongs to a site made of weights (awp).")
 
 
+class WeightSite(RecordOnce, TorchSite):
+    """method='awp': delta on a set of variables (a tuple, one array per variable).
+
+    The perturbed values are copied into the parameters in place; restore copies the
+    saved values back (bit-exact, also when a pass raises)."""
+
+    record_once = TorchSite.record
+
+    def __init__(self, model: keras.Model, stats: Stats, weights: list[Any]) -> None:
+        super().__init__(model, stats, model, "weights")
+        self.weights = list(weights)
+        self._grads: list[Any] = []
+        self._chosen: list[int] = []
+        self._saved_weights: list[Any] | None = None
+
+    def in_pass(self) -> bool:
+        return False  # no hook
+
+    def forward_backward(
+        self,
+        closure: Callable[[], Any],
+        *,
+        param_grads: bool,
+        scale: float = 1.0,
+        allow_none: bool = False,
+        keep_grad: bool = True,
+    ) -> Any:
+        out = closure()
+        if out is None and allow_none:
+            return None
+        loss = _check_loss(out)
+        target = loss if scale == 1.0 else loss * scale
+        if self.model.optimizer is not None:
+            target = self.model.optimizer.scale_loss(target)
+        sources = [w.value for w in self.weights] if keep_grad else []
+        params = [v.value for v in self.variables] if param_grads else []
+        grads = torch.autograd.grad(target, sources + params, allow_unused=True) if sources or params else ()
+        if keep_grad:
+            self._grads = list(grads[: len(sources)])
+        if param_grads:
+            new = list(grads[len(sources) :])
+            if self.param_grads is None:
+                self.param_grads = new
+            else:
+                self.param_grads = [
+                    b if a is None else a if b is None else a + b for a, b in zip(self.param_grads, new)
+                ]
+        return loss.detach()
+
+    def site_grad(self) -> Any:
+        self._chosen = [i for i, g in enumerate(self._grads) if g is not None]
+        if not self._chosen:
+            raise RuntimeError(
+                "No gradient at the perturbed weights: the loss does not depend on them. "
+                f"{received(weights=len(self.weights))}"
+            )
+        grads = tuple(self._grads[i] for i in self._chosen)
+        self._grads = []
+        return grads
+
+    def site_values(self) -> Any:
+        return tuple(self.weights[i].value.detach() for i in self._chosen)
+
+    def set_delta(self, delta: Any) -> None:
+        if callable(delta) or not isinstance(delta, tuple):
+            raise TypeError(
+                "advgraph internal error: the weight site takes one delta per weight (a tuple). "
+                f"{received(delta=type(delta).__name__)}"
+            )
+        params = [self.weights[i].value for i in self._chosen]
+        with torch.no_grad():
+            if self._saved_weights is None:
+                self._saved_weights = [p.detach().clone() for p in params]
+            for p, saved, d in zip(params, self._saved_weights, delta):
+                p.copy_(saved + d.to(p.dtype))
+
+    def clear(self) -> None:
+        if self._saved_weights is not None:
+            with torch.no_grad():
+                for i, saved in zip(self._chosen, self._saved_weights):
+                    self.weights[i].value.copy_(saved)
+            self._saved_weights = None
+
+
 def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, torch.Tensor) else x
 
@@ -343,7 +427,10 @@ def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
     config = adv.config
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     check_labels(config.method, y)
-    site = TorchSite(self, adv.stats, adv.target, config.mode)
+    if config.mode == "weights":
+        site = WeightSite(self, adv.stats, adv.weights)
+    else:
+        site = TorchSite(self, adv.stats, adv.target, config.mode)
     site.teacher = adv.teacher
     predictions: list[Any] = []
     vat = config.method == "vat"
