@@ -26,6 +26,8 @@ of the original model. ``unwrap`` deletes them. Routes (``model.advgraph_route``
   original's: a saved wrapped model loads, without advgraph, as the plain model.
 - ``"call-wrap"``: mode='output' on any other model (subclassed, nested target):
   the same model object; the embedding layer's ``call`` gets an output-side hook.
+- ``"weights"``: method='awp': the same model object, no hook; the site is the set of
+  variables ``target`` names (``_target.awp_variables``).
 
 Stateful layers run once per pass: BatchNormalization's moving statistics are
 updated in every forward of the step (twice per FGM step), as in the PyTorch loop.

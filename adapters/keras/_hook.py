@@ -23,7 +23,17 @@ import keras
 from advgraph._errors import AdvGraphWarning
 
 __all__ = [
-    "COUNT_ONCE", "PAIR_METHODS", "STAT_KEYS", "RecordOnce", "check_labels", "count_step", "SiteHook", "Perturbation", "StatsBase", "is_reverse_call",
+    "COUNT_ONCE",
+    "PAIR_METHODS",
+    "STAT_KEYS",
+    "Perturbation",
+    "RecordOnce",
+    "SiteHook",
+    "StatsBase",
+    "Teacher",
+    "check_labels",
+    "count_step",
+    "is_reverse_call",
     "token_mask_of",
 ]
 

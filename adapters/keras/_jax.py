@@ -41,7 +41,7 @@ from advgraph._methods import run_method
 from advgraph._ops import jax_keys
 
 from . import _private
-from ._hook import PAIR_METHODS, RecordOnce, check_labels, count_step, StatsBase, token_mask_of
+from ._hook import PAIR_METHODS, RecordOnce, StatsBase, check_labels, count_step, token_mask_of
 
 __all__ = ["Stats", "JaxSite", "WeightSite", "make_stats", "train_step", "attach", "detach"]
 

@@ -26,7 +26,7 @@ from advgraph._errors import received
 from advgraph._methods import run_method
 
 from . import _private
-from ._hook import PAIR_METHODS, RecordOnce, check_labels, count_step, StatsBase, token_mask_of
+from ._hook import PAIR_METHODS, RecordOnce, StatsBase, check_labels, count_step, token_mask_of
 
 __all__ = ["Stats", "TorchSite", "WeightSite", "make_stats", "train_step"]
 
