@@ -18,8 +18,8 @@ __all__ = ["wrap", "unwrap", "is_wrapped"]
 
 M = TypeVar("M")
 
-# Methods whose Site calls the Keras adapter does not implement yet (see the Site
-# protocol in advgraph/_methods.py); PyTorch runs them all.
+# Methods added after the Keras adapter: a Keras model gets them only where the
+# adapter lists them in SUPPORTED_METHODS (today it lists all of them).
 _KERAS_PENDING = ("gp", "r3f", "smart", "neftune", "awp")
 
 

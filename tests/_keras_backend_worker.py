@@ -10,7 +10,8 @@ after one step, into ``out.npz`` under ``<case index>/<name>``.
 Model (same weights everywhere): ids (B, L) -> Embedding(V, D) -> mean over L ->
 Dense(C), softmax cross-entropy, plain SGD. VAT's random start direction is the
 same fixed numpy draw on every framework (``normal_like`` is replaced), so VAT's
-update is deterministic too.
+update is deterministic too; so are R3F's and NEFTune's noises (``uniform_like``
+is replaced by a fixed U(0, 1) draw mapped to the asked range).
 """
 
 from __future__ import annotations
@@ -55,8 +56,20 @@ def patch_noise(to_native) -> None:
     def normal_like(self, x, rng=None):
         return to_native(fixed_noise(tuple(x.shape), rows))
 
+    def uniform_like(self, x, low, high, rng=None):
+        # R3F's and NEFTune's noise: a fixed U(0, 1) draw mapped to [low, high).
+        u = fixed_uniform(tuple(x.shape), rows)
+        return to_native((low + (high - low) * u).astype("float32"))
+
     for cls in (ops._ArrayApiOps, ops._TensorFlowOps):
         cls.normal_like = normal_like
+        cls.uniform_like = uniform_like
+
+
+def fixed_uniform(shape: tuple[int, ...], rows: int) -> np.ndarray:
+    """A fixed U(0, 1) draw (the first ``rows`` rows agree whatever the row count)."""
+    shape = tuple(rows if s is None else int(s) for s in shape)
+    return np.random.default_rng(13).random(shape).astype("float32")
 
 
 def spy(to_numpy, seen: list[np.ndarray]) -> None:
@@ -70,6 +83,12 @@ def spy(to_numpy, seen: list[np.ndarray]) -> None:
         return result
 
     methods.compute_delta = compute_delta
+
+
+def knobs(case: dict) -> dict:
+    """The case's wrap kwargs, with ``epsilon=EPS`` for the methods that read it."""
+    eps = {} if case["method"] in ("r3f", "smart", "neftune", "awp") else {"epsilon": EPS}
+    return {**eps, **case["kwargs"]}
 
 
 def keras_case(case: dict, d: dict, seen: list) -> dict[str, np.ndarray]:
@@ -88,11 +107,22 @@ def keras_case(case: dict, d: dict, seen: list) -> dict[str, np.ndarray]:
     )
     model.get_layer("emb").set_weights([d["E"]])
     model.get_layer("fc").set_weights([d["W"], d["b"]])
-    wrapped = advgraph.wrap(
-        model, mode=case["mode"], method=case["method"], epsilon=EPS, **case["kwargs"]
-    )
-    logs = wrapped.train_on_batch(d["x"], d["y"], return_dict=True)
+    wrapped = advgraph.wrap(model, mode=case["mode"], method=case["method"], **knobs(case))
+    firsts = {}
+    for step in range(case.get("repeat", 1)):
+        if step == 1:  # the weights after the first step (SMART's teacher mixes them in)
+            firsts = {
+                "E1": np.asarray(model.get_layer("emb").get_weights()[0]),
+                "W1": np.asarray(model.get_layer("fc").get_weights()[0]),
+                "b1": np.asarray(model.get_layer("fc").get_weights()[1]),
+            }
+        logs = wrapped.train_on_batch(d["x"], d["y"], return_dict=True)
+    teacher = getattr(wrapped.__dict__["_advgraph"], "teacher", None)
+    if teacher is not None:  # the teacher's values, in trainable-variable order (E, W, b)
+        for name, var in zip(("tE", "tW", "tb"), teacher.values):
+            firsts[name] = np.asarray(keras.ops.convert_to_numpy(var.value))
     return {
+        **firsts,
         "loss": np.asarray(float(logs["loss"])),
         "E": np.asarray(model.get_layer("emb").get_weights()[0]),
         "W": np.asarray(model.get_layer("fc").get_weights()[0]),
@@ -122,21 +152,20 @@ def torch_case(case: dict, d: dict, seen: list) -> dict[str, np.ndarray]:
             return self.fc(self.emb(x).mean(dim=1))
 
     model = MeanPool()
-    wrapped = advgraph.wrap(
-        model, mode=case["mode"], method=case["method"], epsilon=EPS, **case["kwargs"]
-    )
+    wrapped = advgraph.wrap(model, mode=case["mode"], method=case["method"], **knobs(case))
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=LR)
     x, y = torch.from_numpy(d["x"]).long(), torch.from_numpy(d["y"]).long()
 
     def closure():
         logits = wrapped(x)
-        if case["method"] == "vat":
+        if case["method"] in ("vat", "r3f", "smart"):
             return torch.nn.functional.cross_entropy(logits, y), logits
         return torch.nn.functional.cross_entropy(logits, y)
 
-    optimizer.zero_grad()
-    loss = wrapped.adversarial_step(closure)
-    optimizer.step()
+    for _ in range(case.get("repeat", 1)):
+        optimizer.zero_grad()
+        loss = wrapped.adversarial_step(closure)
+        optimizer.step()
     return {
         "loss": np.asarray(float(loss)),
         "E": emb.weight.detach().numpy().copy(),

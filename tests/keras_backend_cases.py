@@ -362,3 +362,337 @@ def test_jit_compile_true_trains_adversarially(mode: str) -> None:
     adv.fit(x, y, verbose=0, shuffle=False, epochs=2)
     assert dict(adv.advgraph_stats) == {"steps": 2, "skipped_nonfinite": 0, "skipped_zero": 0}
     assert matrix_bytes(plain) != matrix_bytes(adv)
+
+
+# -- gp, r3f, neftune (issue 13) -----------------------------------------------------
+
+NEW_METHODS = [
+    ("gp", "output"), ("gp", "matrix"), ("r3f", "output"), ("r3f", "matrix"), ("neftune", "output"),
+    ("smart", "output"), ("smart", "matrix"),
+]
+NEW_KNOBS = {
+    "gp": {"epsilon": 0.5},
+    "r3f": {"noise_eps": 0.1},
+    "neftune": {"neftune_alpha": 5.0},
+    "smart": {"steps": 1, "smart_mu": 1.0},
+}
+# Forwards per step: gp 1 (double backward), r3f 2 (one backward through both),
+# neftune 1, smart 5 (teacher and clean forwards without backward, 1 ascent pass,
+# clean + noisy forwards of the joint pass).
+FORWARDS = {"gp": 1, "r3f": 2, "neftune": 1, "smart": 5}
+COUNTED = {"gp": 1, "r3f": 1, "neftune": 1, "smart": 1}  # steps: smart counts its ascent steps
+
+
+class Counter(keras.layers.Layer):
+    """Identity that counts its training forwards (eager steps only)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def call(self, h, training=None):
+        if training:
+            self.calls += 1
+        return h
+
+
+@pytest.mark.parametrize("method, mode", NEW_METHODS)
+def test_new_methods_train_count_and_forward_once_or_twice(method: str, mode: str) -> None:
+    """Forwards per step (``FORWARDS``); ``steps`` counts each step once (smart: each
+    ascent step); rows no batch touched keep their bytes."""
+    counter = Counter()
+    inp = keras.Input((L,), dtype="int32")
+    h = counter(keras.layers.Embedding(V, D, name="emb")(inp))
+    model = keras.Model(inp, keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(h)))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), run_eagerly=True,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    untouched = np.asarray(keras.ops.convert_to_numpy(emb_of(model).embeddings.value))[V - 4 :].copy()
+    x, y = data()
+    wrapped = advgraph.wrap(model, mode=mode, method=method, **NEW_KNOBS[method])
+    counter.calls = 0
+    history = wrapped.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    assert np.isfinite(history.history["loss"]).all()
+    probe = 1 if BACKEND == "jax" else 0  # JAX: jax.eval_shape of the output's shape, no compute
+    assert counter.calls == 2 * (FORWARDS[method] + probe)
+    assert dict(wrapped.advgraph_stats) == {"steps": 2 * COUNTED[method], "skipped_nonfinite": 0, "skipped_zero": 0}
+    after = np.asarray(keras.ops.convert_to_numpy(emb_of(model).embeddings.value))
+    assert after[V - 4 :].tobytes() == untouched.tobytes()
+
+
+@pytest.mark.parametrize("method, mode", [m for m in NEW_METHODS if m[1] == "matrix"])
+def test_new_methods_frozen_matrix_stays_bit_identical(method: str, mode: str) -> None:
+    """The delta written to (TF with a reader of the matrix, torch) or passed into
+    (JAX, TF functional path) the matrix is gone after the step: same bytes."""
+    x, y = data()
+    model = build()
+    emb_of(model).trainable = False
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = matrix_bytes(model)
+    wrapped = advgraph.wrap(model, mode=mode, method=method, **NEW_KNOBS[method])
+    wrapped.fit(x, y, verbose=0, epochs=1, batch_size=4)
+    assert wrapped.advgraph_stats["steps"] == 2
+    assert matrix_bytes(model) == before
+
+
+def test_r3f_error_in_the_noisy_forward_leaves_the_matrix_unperturbed() -> None:
+    """r3f's second forward (the noisy one) raises; the stored matrix keeps its bytes."""
+
+    class Bomb(keras.layers.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.armed, self.calls = False, 0
+
+        def call(self, h, training=None):
+            if training and self.armed:
+                self.calls += 1
+                if self.calls == 2:
+                    raise RuntimeError("boom in the noisy forward")
+            return h
+
+    bomb = Bomb()
+    inp = keras.Input((L,), dtype="int32")
+    out = keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(bomb(keras.layers.Embedding(V, D)(inp))))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  run_eagerly=BACKEND == "tensorflow")
+    x, y = data()
+    wrapped = advgraph.wrap(model, mode="matrix", method="r3f", noise_eps=0.5)
+    before = matrix_bytes(model)
+    bomb.armed = True
+    with pytest.raises(Exception, match="boom"):
+        wrapped.train_on_batch(x, y)
+    assert matrix_bytes(model) == before
+
+
+@pytest.mark.parametrize("kind", ["functional", "subclassed"])
+def test_neftune_no_noise_on_padding_and_per_sequence_scale(kind: str, monkeypatch) -> None:
+    """Embedding(mask_zero=True): id 0 is padding. With the uniform draw fixed at its
+    upper end (1), the noise is exactly alpha / sqrt(L_i * d) at each real token of
+    sequence i (L_i its real tokens) and 0 at padding, on both the perturbation-layer
+    route (functional) and the call-wrap route (subclassed)."""
+    import advgraph._ops as ops
+
+    for cls in (ops._ArrayApiOps, ops._TensorFlowOps):
+        monkeypatch.setattr(cls, "uniform_like", lambda self, x, low, high, rng=None: self.zeros_like(x) + high)
+    seen: list[np.ndarray] = []
+    site_cls = _output_site_class()
+    original = site_cls.on_output
+
+    def on_output(self, x):
+        out = original(self, x)
+        _record(out - x, seen)
+        return out
+
+    monkeypatch.setattr(site_cls, "on_output", on_output)
+    keras.utils.set_random_seed(0)
+    if kind == "subclassed":
+
+        class Net(keras.Model):
+            def __init__(self) -> None:
+                super().__init__()
+                self.emb = keras.layers.Embedding(V, D, mask_zero=True, name="emb")
+                self.fc = keras.layers.Dense(C)
+
+            def call(self, x, training=None):
+                h = self.emb(x)
+                return self.fc(keras.ops.mean(h, axis=1))
+
+        model = Net()
+        model(np.zeros((1, L), "int32"))
+    else:
+        inp = keras.Input((L,), dtype="int32")
+        h = keras.layers.Embedding(V, D, mask_zero=True, name="emb")(inp)
+        model = keras.Model(inp, keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(h)))
+    model.compile(optimizer="sgd", run_eagerly=True,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    x = x[:4]
+    lengths = np.array([5, 3, 1, 4])
+    for i, n in enumerate(lengths):
+        x[i, n:] = 0  # padding
+    wrapped = advgraph.wrap(model, method="neftune", neftune_alpha=5.0)
+    wrapped.train_on_batch(x, y[:4])
+    assert len(seen) == 1
+    noise = seen[0]
+    expected = (5.0 / np.sqrt(lengths * D))[:, None, None] * (x != 0)[..., None] * np.ones((1, 1, D))
+    np.testing.assert_allclose(noise, expected, rtol=1e-6, atol=1e-7)
+    assert not noise[x == 0].any()  # exactly zero on padding
+
+
+def _output_site_class():
+    if BACKEND == "jax":
+        from advgraph.adapters.keras._jax import JaxSite
+
+        return JaxSite
+    if BACKEND == "torch":
+        from advgraph.adapters.keras._torch import TorchSite
+
+        return TorchSite
+    from advgraph.adapters.keras._site import OutputSite
+
+    return OutputSite
+
+
+def _record(value, seen: list) -> None:
+    if BACKEND == "jax":
+        import jax
+
+        jax.debug.callback(lambda v: seen.append(np.asarray(v)), value)
+    elif BACKEND == "torch":
+        seen.append(value.detach().cpu().numpy())
+    else:
+        seen.append(value.numpy())
+
+
+def _all_bytes(model: keras.Model) -> list[bytes]:
+    return [np.asarray(keras.ops.convert_to_numpy(w)).tobytes() for w in model.weights]
+
+
+def test_awp_bad_targets_are_a_clear_error_and_model_untouched() -> None:
+    model = build()
+    before, step = _all_bytes(model), model.train_step
+    pool = next(l.name for l in model.layers if isinstance(l, keras.layers.GlobalAveragePooling1D))
+    with pytest.raises(ValueError, match="Received: target="):  # a layer without weights
+        advgraph.wrap(model, method="awp", target=pool)
+    with pytest.raises(ValueError, match="Received: target="):
+        advgraph.wrap(model, method="awp", target="no_such_layer")
+    with pytest.raises(ValueError, match="Received: method='awp', mode='matrix'"):
+        advgraph.wrap(model, method="awp", mode="matrix")
+    assert not advgraph.is_wrapped(model) and model.train_step == step
+    assert _all_bytes(model) == before
+
+
+def test_awp_perturbs_kernels_embeddings_and_scales_not_biases() -> None:
+    inp = keras.Input((L,), dtype="int32")
+    h = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(V, D, name="emb")(inp))
+    out = keras.layers.Dense(C, name="fc")(keras.layers.LayerNormalization(name="ln")(h))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    wrapped = advgraph.wrap(model, method="awp", target="")
+    names = sorted(w.path for w in wrapped.__dict__["_advgraph"].weights)
+    assert names == ["emb/embeddings", "fc/kernel", "ln/gamma"]
+    advgraph.unwrap(wrapped)
+    wrapped = advgraph.wrap(model, method="awp", target="fc, ln")
+    assert sorted(w.path for w in wrapped.__dict__["_advgraph"].weights) == ["fc/kernel", "ln/gamma"]
+    assert wrapped.advgraph_route == "weights" and wrapped.advgraph_target == "fc,ln"
+
+
+def test_awp_restores_every_weight_exactly_and_runs_two_forwards() -> None:
+    """With a learning rate of 0 the optimizer changes nothing, so after AWP steps every
+    weight must hold its bytes: the perturbation is gone (TF / torch: assigned back;
+    JAX: never stored). Two forwards per step; ``steps`` counts steps, not weights."""
+    counter = Counter()
+    inp = keras.Input((L,), dtype="int32")
+    h = keras.layers.GlobalAveragePooling1D()(counter(keras.layers.Embedding(V, D)(inp)))
+    out = keras.layers.Dense(C)(keras.layers.LayerNormalization()(h))
+    model = keras.Model(inp, out)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), run_eagerly=True,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    wrapped = advgraph.wrap(model, method="awp", target="", adv_lr=0.5, adv_eps=0.5)
+    before = _all_bytes(model)
+    counter.calls = 0
+    wrapped.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    assert counter.calls == 2 * 2
+    assert _all_bytes(model) == before
+    assert dict(wrapped.advgraph_stats) == {"steps": 2, "skipped_nonfinite": 0, "skipped_zero": 0}
+
+
+def test_awp_error_in_the_adversarial_pass_restores_the_weights() -> None:
+    class Bomb(keras.layers.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.armed, self.calls = False, 0
+
+        def call(self, h, training=None):
+            if training and self.armed:
+                self.calls += 1
+                if self.calls == 2:
+                    raise RuntimeError("boom in the adversarial forward")
+            return h
+
+    bomb = Bomb()
+    inp = keras.Input((L,), dtype="int32")
+    out = keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(bomb(keras.layers.Embedding(V, D)(inp))))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  run_eagerly=BACKEND == "tensorflow")
+    x, y = data()
+    wrapped = advgraph.wrap(model, method="awp", target="", adv_lr=0.5, adv_eps=0.5)
+    before = _all_bytes(model)
+    bomb.armed = True
+    with pytest.raises(Exception, match="boom"):
+        wrapped.train_on_batch(x, y)
+    assert _all_bytes(model) == before
+
+
+def test_neftune_in_matrix_mode_is_rejected() -> None:
+    model = build()
+    with pytest.raises(ValueError, match="mode='matrix'|Received: mode="):
+        advgraph.wrap(model, mode="matrix", method="neftune")
+    assert not advgraph.is_wrapped(model)
+
+
+@pytest.mark.parametrize("method", ["r3f", "smart"])
+def test_r3f_smart_on_an_unlabeled_batch_is_a_clear_error(method: str) -> None:
+    """r3f / smart add their regulariser to the supervised loss: they need labels."""
+    model = build()
+    wrapped = advgraph.wrap(model, method=method)
+    x, y = data()
+    wrapped.train_on_batch(x, y)  # built (Keras' own checks of y ran on a labeled batch)
+    before = matrix_bytes(model)
+    with pytest.raises(ValueError, match="Received: y=None"):
+        wrapped.train_on_batch(x)
+    assert matrix_bytes(model) == before
+
+
+def test_smart_on_an_unbuilt_model_is_a_clear_error() -> None:
+    """The teacher copies the trainable weights: they must exist at wrap() time."""
+    model = keras.Sequential([keras.layers.Embedding(V, D), keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(C)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="Received: model=.*trainable_weights=0"):
+        advgraph.wrap(model, method="smart", smart_mu=1.0)
+    assert not advgraph.is_wrapped(model)
+
+
+def test_smart_teacher_is_not_in_logs_and_unwrap_removes_it() -> None:
+    x, y = data()
+    model = build()
+    metrics_before = len(model.metrics)
+    wrapped = advgraph.wrap(model, method="smart", smart_mu=1.0, smart_beta=0.9)
+    history = wrapped.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert set(history.history) == {"loss", "accuracy"}
+    plain = advgraph.unwrap(wrapped)
+    assert not any("teacher" in m.name for m in plain.metrics)
+    assert len(plain.metrics) == metrics_before
+
+
+def test_r3f_matrix_with_a_tied_head_is_refused_on_torch_only() -> None:
+    """torch edits the matrix in place for the noisy forward; a tied head's graph from
+    the clean forward would be differentiated at the perturbed values: refused there."""
+
+    class TiedHead(keras.layers.Layer):
+        def __init__(self, matrix) -> None:
+            super().__init__()
+            self.matrix = matrix  # tracked: the matrix is one of this layer's weights
+
+        def call(self, h):
+            return keras.ops.matmul(h, keras.ops.transpose(self.matrix))
+
+    inp = keras.Input((L,), dtype="int32")
+    emb = keras.layers.Embedding(V, D, name="emb")
+    emb.build((None, L))
+    out = TiedHead(emb.embeddings)(keras.layers.GlobalAveragePooling1D()(emb(inp)))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AdvGraphWarning)
+        if BACKEND == "torch":
+            with pytest.raises(ValueError, match="Received: method='r3f', target='emb', matrix_shared=True"):
+                advgraph.wrap(model, mode="matrix", method="r3f")
+            assert not advgraph.is_wrapped(model)
+        else:
+            wrapped = advgraph.wrap(model, mode="matrix", method="r3f")
+            x, y = data()
+            wrapped.train_on_batch(x, y % C)
+            assert wrapped.advgraph_stats["steps"] == 1

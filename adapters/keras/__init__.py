@@ -17,7 +17,7 @@ from ._private import check_keras_version as _check_keras_version  # noqa: E402
 
 _check_keras_version()
 
-from ._adapter import is_wrapped, unwrap, wrap  # noqa: E402
+from ._adapter import SUPPORTED_METHODS, is_wrapped, unwrap, wrap  # noqa: E402
 from ._hook import Perturbation, StatsBase as Stats  # noqa: E402
 
-__all__ = ["Perturbation", "Stats", "is_wrapped", "unwrap", "wrap"]
+__all__ = ["SUPPORTED_METHODS", "Perturbation", "Stats", "is_wrapped", "unwrap", "wrap"]

@@ -26,6 +26,8 @@ of the original model. ``unwrap`` deletes them. Routes (``model.advgraph_route``
   original's: a saved wrapped model loads, without advgraph, as the plain model.
 - ``"call-wrap"``: mode='output' on any other model (subclassed, nested target):
   the same model object; the embedding layer's ``call`` gets an output-side hook.
+- ``"weights"``: method='awp': the same model object, no hook; the site is the set of
+  variables ``target`` names (``_target.awp_variables``).
 
 Stateful layers run once per pass: BatchNormalization's moving statistics are
 updated in every forward of the step (twice per FGM step), as in the PyTorch loop.
@@ -48,18 +50,21 @@ from advgraph._config import AdversarialConfig
 from advgraph._errors import AdvGraphWarning, received
 
 from . import _private
-from ._hook import Perturbation, SiteHook, StatsBase
+from ._hook import Perturbation, SiteHook, StatsBase, Teacher
 from ._routes import (
     is_call_wrapped,
     rewrite_functional,
     rewrite_sequential,
     wrap_call,
 )
-from ._target import find_target, iter_layers
+from ._target import awp_variables, find_target, iter_layers
 
 logger = logging.getLogger("advgraph")
 
-__all__ = ["wrap", "unwrap", "is_wrapped"]
+__all__ = ["SUPPORTED_METHODS", "wrap", "unwrap", "is_wrapped"]
+
+# The methods the Keras adapter runs, on every backend (advgraph.wrap refuses the rest).
+SUPPORTED_METHODS = ("fgm", "fgsm", "pgd", "freelb", "vat", "gp", "r3f", "smart", "neftune", "awp")
 
 # Instance attributes wrap() sets on the model it returns; unwrap() deletes them.
 _PUBLIC_ATTRS = ("advgraph_stats", "advgraph_route", "advgraph_target", "advgraph_config")
@@ -89,6 +94,8 @@ class _State:
     backend: str = "tensorflow"
     step: Callable[..., Any] | None = None  # the function bound as train_step
     shared_matrix: bool = True  # mode='matrix': other layers may read the matrix (tied head)
+    teacher: Teacher | None = None  # method='smart' with smart_mu > 0
+    weights: list[Any] | None = None  # method='awp': the perturbed variables
 
 
 def is_wrapped(model: Any) -> bool:
@@ -348,6 +355,30 @@ def _install_output(
     return new, route, model, pert, None
 
 
+def _make_teacher(host: keras.Model, config: AdversarialConfig, backend: str) -> Teacher | None:
+    """SMART's teacher (``smart_mu > 0``): one value per trainable variable, made now
+    (TensorFlow cannot create variables inside the compiled step)."""
+    if config.method != "smart" or not config.smart_mu > 0:
+        return None
+    sources = list(host.trainable_variables)
+    if not sources:
+        raise ValueError(
+            "method='smart' keeps a momentum teacher of the trainable weights, so the model "
+            "must be built before advgraph.wrap() (call it once on a batch, or give it an "
+            f"Input). {received(model=host.name, trainable_weights=0)}"
+        )
+    scope = (
+        host.distribute_strategy.scope()
+        if backend == "tensorflow" and getattr(host, "_distribute_strategy", None) is not None
+        else contextlib.nullcontext()
+    )
+    with scope:
+        teacher = Teacher(sources, keras.backend.standardize_dtype(host.optimizer.iterations.dtype))
+    if backend == "jax":  # carried through the jitted step in the metrics' state
+        _private.tracked_metrics(host).append(teacher)
+    return teacher
+
+
 def _attach(host: keras.Model, state: _State) -> None:
     setattr_ = object.__setattr__  # not tracked by Keras / tf.Module
     setattr_(host, "_advgraph", state)
@@ -395,6 +426,8 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
     """
     backend = _check_model(model)
     module = _backend_module(backend)
+    if config.mode == "weights":
+        return _wrap_weights(model, target, config, backend)
     path, layer = find_target(model, target)
     original: keras.Model | None = None
     perturbation: Perturbation | None = None
@@ -403,12 +436,22 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
     hook = SiteHook(config.mode, path)
     if config.mode == "matrix":
         shared_matrix = _check_matrix_target(model, path, layer)
+        if shared_matrix and backend == "torch" and config.method in ("r3f", "smart"):
+            # The noisy forward edits the matrix in place while the clean forward's graph
+            # (a tied head's matmul) still holds it for the one backward through both.
+            raise ValueError(
+                f"method={config.method!r} in mode='matrix' on the torch backend needs an "
+                "embedding matrix no other layer reads (a tied output head would be "
+                f"differentiated at the perturbed values); use mode='output'. "
+                f"{received(method=config.method, target=path, matrix_shared=True)}"
+            )
         _check_not_shared(path, layer)
         undo = wrap_call(layer, hook, before=True)  # the ids, then the lookup's output
         host, route = model, "matrix"
     else:
         host, route, original, perturbation, undo = _install_output(model, path, layer, hook)
     stats = module.make_stats(host)
+    teacher = _make_teacher(host, config, backend)
     state = _State(
         config=config,
         stats=stats,
@@ -421,6 +464,7 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
         undo=undo,
         backend=backend,
         shared_matrix=shared_matrix,
+        teacher=teacher,
     )
     _attach(host, state)
     logger.info(
@@ -435,6 +479,24 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
         path,
     )
     return host
+
+
+def _wrap_weights(model: keras.Model, target: Any, config: AdversarialConfig, backend: str) -> keras.Model:
+    """method='awp': the site is a set of variables (no hook; the same model object)."""
+    path, weights = awp_variables(model, target)
+    state = _State(
+        config=config,
+        stats=_backend_module(backend).make_stats(model),
+        route="weights",
+        target_path=path,
+        target=model,
+        hook=SiteHook(config.mode, path),
+        backend=backend,
+        weights=weights,
+    )
+    _attach(model, state)
+    logger.info("advgraph: wrapped %s: method=awp, %d weights under %r", type(model).__name__, len(weights), path)
+    return model
 
 
 def unwrap(model: keras.Model) -> keras.Model:
@@ -452,6 +514,11 @@ def unwrap(model: keras.Model) -> keras.Model:
     detach = getattr(_backend_module(state.backend), "detach", None)
     if detach is not None:
         detach(model, state.stats)
+    metrics = _private.tracked_metrics(model)
+    for i, metric in enumerate(metrics):
+        if metric is state.teacher:
+            del metrics[i]
+            break
     for name in _METHOD_ATTRS + _PUBLIC_ATTRS + ("_advgraph",):
         if name in model.__dict__:
             object.__delattr__(model, name)

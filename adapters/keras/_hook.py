@@ -22,9 +22,90 @@ import keras
 
 from advgraph._errors import AdvGraphWarning
 
-__all__ = ["STAT_KEYS", "SiteHook", "Perturbation", "StatsBase", "is_reverse_call"]
+__all__ = [
+    "COUNT_ONCE",
+    "PAIR_METHODS",
+    "STAT_KEYS",
+    "Perturbation",
+    "RecordOnce",
+    "SiteHook",
+    "StatsBase",
+    "Teacher",
+    "check_labels",
+    "count_step",
+    "is_reverse_call",
+    "token_mask_of",
+]
 
 STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")
+# Methods whose closure returns ``(loss, logits)`` (their regulariser compares outputs).
+PAIR_METHODS = ("vat", "r3f", "smart")
+# Methods that compute no delta from a gradient: each step counts once in ``steps``.
+COUNT_ONCE = ("gp", "r3f", "neftune")
+
+
+def check_labels(method: str, y: Any) -> None:
+    """r3f / smart add their regulariser to the supervised loss: they need ``y``."""
+    if y is None and method in ("r3f", "smart"):
+        from advgraph._errors import received
+
+        raise ValueError(
+            f"method={method!r} adds its regulariser to the supervised loss, so fit() needs "
+            f"labels (fit(x, y)); for an unlabeled batch use method='vat'. {received(y=None)}"
+        )
+
+
+def count_step(site: Any, method: str) -> None:
+    """Count a step of a method whose passes record nothing (``steps`` += 1); awp:
+    one count for the step's weights together (see :class:`RecordOnce`)."""
+    if method in COUNT_ONCE:
+        from advgraph._delta import DeltaResult
+
+        site.record(DeltaResult(None, False, False))
+    elif method == "awp":
+        site.flush_records()
+
+
+class RecordOnce:
+    """Mixin for the weight sites (awp): the per-weight skip flags of a step are
+    gathered and counted once, so ``steps`` counts steps, not weights."""
+
+    def record(self, result: Any) -> None:
+        self.__dict__.setdefault("_results", []).append(result)
+
+    def flush_records(self) -> None:
+        from advgraph._delta import DeltaResult
+
+        results = self.__dict__.pop("_results", [])
+        if results:
+            ops = keras.ops
+            nonfinite = ops.any(ops.stack([ops.any(r.nonfinite) for r in results]))
+            zero = ops.any(ops.stack([ops.any(r.zero) for r in results]))
+            self.record_once(DeltaResult(None, nonfinite, zero))
+
+    def record_once(self, result: Any) -> None:  # pragma: no cover - each site sets it
+        raise NotImplementedError
+
+
+def token_mask_of(site: Any, like: Any, cast: Any) -> Any:
+    """:meth:`Site.token_mask` for the Keras sites: the target's Keras mask, or ``None``.
+
+    ``site.mask`` is the function the hook got with the output in progress;
+    ``cast(mask)`` turns the boolean ``(batch, sequence)`` mask into the backend's
+    floating array with a last axis of 1.
+    """
+    from advgraph._errors import received
+
+    thunk = getattr(site, "mask", None)
+    mask = thunk() if callable(thunk) else None
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(like.shape[:-1]):
+        raise ValueError(
+            "The target's Keras mask must have the shape of its output without the last "
+            f"axis (batch, sequence). {received(mask_shape=tuple(mask.shape), output_shape=tuple(like.shape))}"
+        )
+    return cast(mask)
 
 
 class StatsBase(Mapping):
@@ -96,11 +177,16 @@ class SiteHook:
         finally:
             self._local.site = previous
 
-    def __call__(self, x: Any) -> Any:
-        """After the target: its output (mode='output')."""
+    def __call__(self, x: Any, mask: Any = None) -> Any:
+        """After the target: its output (mode='output').
+
+        ``mask``: a function giving the target's Keras mask (``Embedding(mask_zero=True)``:
+        ``ids != 0``) or ``None``; read only by a method that asks for it (neftune).
+        """
         site = self.active_site()
         if site is None or not site.in_pass():
             return x
+        site.mask = mask
         return site.on_output(x)
 
     def before(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -147,14 +233,61 @@ class Perturbation(keras.layers.Layer):
         self.supports_masking = True
         self._advgraph_hook = hook
 
-    def call(self, inputs: Any) -> Any:
+    def call(self, inputs: Any, mask: Any = None) -> Any:
         hook = self._advgraph_hook
         if hook is None:
             return inputs
-        return hook(inputs)
+        return hook(inputs, mask=lambda: mask)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
         return super().get_config()
+
+
+class Teacher(keras.metrics.Metric):
+    """SMART's momentum teacher: one value per trainable variable of the wrapped model.
+
+    ``theta~ <- beta * theta~ + (1 - beta) * theta``; the first update copies
+    ``theta``. It moves at most once per optimizer step: an update when
+    ``optimizer.iterations`` did not move since the last one leaves it alone.
+    Written with ``keras.ops`` once for every backend: TensorFlow and torch assign
+    the variables (in-graph on TensorFlow); JAX runs it in a ``StatelessScope`` and
+    carries the values in the jitted step's state (the teacher is a metric tracked
+    by the model there, as the step counters). Nothing shows in the logs.
+    """
+
+    def __init__(self, sources: list[Any], iterations_dtype: str, name: str = "advgraph_teacher") -> None:
+        super().__init__(name=name)
+        self.values = [
+            self.add_variable(
+                shape=tuple(v.shape), initializer="zeros", dtype=v.dtype, name=f"teacher_{i}"
+            )
+            for i, v in enumerate(sources)
+        ]
+        self.ready = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="ready")
+        self.last = self.add_variable(
+            shape=(), initializer="zeros", dtype=iterations_dtype, name="last_iteration"
+        )
+
+    def update_state(self, *args: Any, **kwargs: Any) -> None:
+        """Updated by the adversarial step only."""
+
+    def result(self) -> dict[str, Any]:
+        return {}
+
+    def reset_state(self) -> None:
+        """The teacher persists across epochs and evaluations."""
+
+    def update(self, current: list[Any], beta: float, iterations: Any) -> None:
+        """One momentum update from the trainable values ``current`` (see the class)."""
+        ops = keras.ops
+        first = ops.equal(self.ready.value, 0)
+        moved = ops.not_equal(self.last.value, ops.cast(iterations, self.last.dtype))
+        for t, w in zip(self.values, current):
+            w = ops.cast(ops.stop_gradient(w), t.dtype)
+            mixed = t.value * beta + w * (1.0 - beta)
+            t.assign(ops.where(first, w, ops.where(moved, mixed, t.value)))
+        self.ready.assign(ops.ones((), "int32"))
+        self.last.assign(ops.cast(iterations, self.last.dtype))

@@ -41,9 +41,9 @@ from advgraph._methods import run_method
 from advgraph._ops import jax_keys
 
 from . import _private
-from ._hook import StatsBase
+from ._hook import PAIR_METHODS, RecordOnce, StatsBase, check_labels, count_step, token_mask_of
 
-__all__ = ["Stats", "JaxSite", "make_stats", "train_step", "attach", "detach"]
+__all__ = ["Stats", "JaxSite", "WeightSite", "make_stats", "train_step", "attach", "detach"]
 
 
 class _Counters(keras.metrics.Metric):
@@ -276,8 +276,15 @@ class JaxSite:
         return self._spec
 
     def _run_pass(
-        self, closure: Callable[[], Any], trainable: list[Any], z: Any, scale: float, allow_none: bool
+        self,
+        closure: Callable[[], Any],
+        trainable: list[Any],
+        z: Any,
+        scale: float,
+        allow_none: bool,
+        raw: bool = False,
     ) -> tuple[Any, tuple[Any, dict[str, Any]]]:
+        """One forward; ``raw=True``: the closure's output as it is (no loss checks)."""
         self._pass = {"trainable": trainable, "z": z, "calls": 0, "report": {}}
         try:
             out = closure()
@@ -291,6 +298,8 @@ class JaxSite:
                 "no perturbation site. Train the model returned by advgraph.wrap(). "
                 f"{received(target_calls=0)}"
             )
+        if raw:
+            return None, (out, report)
         if out is None:
             if not allow_none:
                 raise TypeError(
@@ -346,13 +355,16 @@ class JaxSite:
 
     def _absorb(self, report: dict[str, Any]) -> None:
         """Keep a pass's outputs: its non-trainable updates chain into the next pass."""
+        self._chain(report)
+        self.records.append(report)
+
+    def _chain(self, report: dict[str, Any]) -> None:
         non_trainable = report.get("non_trainable")
         if non_trainable is not None:
             non_trainable = list(non_trainable)
             for i in self._frozen:  # a frozen matrix: its perturbed value is not a state
                 non_trainable[i] = self.non_trainable[i]
             self.non_trainable = non_trainable
-        self.records.append(report)
 
     def _to_site(self, grad_z: Any) -> Any:
         if self.mode == "output":
@@ -380,6 +392,170 @@ class JaxSite:
     def record(self, result: DeltaResult) -> None:
         flags = jnp.stack([jnp.any(result.nonfinite), jnp.any(result.zero)]).astype(jnp.int32)
         self.counts = self.counts + jnp.concatenate([jnp.ones((1,), jnp.int32), flags])
+
+    # -- calls for gp, r3f, smart and neftune (see advgraph._methods.Site) -----------
+    mask: Any = None  # set by the hook: a function giving the target's Keras mask
+
+    def _accumulate(self, new: list[Any]) -> None:
+        if self.param_grads is None:
+            self.param_grads = list(new)
+        else:
+            self.param_grads = [a + b for a, b in zip(self.param_grads, new)]
+
+    def _scaled(self, total: Any) -> Any:
+        optimizer = self.model.optimizer
+        mapping = list(zip(optimizer.variables, self.optimizer_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            return optimizer.scale_loss(total)
+
+    def penalty_backward(self, closure: Callable[[], Any], penalty: Callable[[Any], Any]) -> Any:
+        """gp: ``grad`` of the loss w.r.t. ``z`` inside the ``value_and_grad`` over the
+        trainable values (a double backward)."""
+        spec = self._spec_of_output()
+        z = jnp.zeros(spec.shape, spec.dtype)
+
+        def f(trainable: list[Any]) -> Any:
+            def inner(z: Any) -> Any:
+                _, (loss, report) = self._run_pass(closure, trainable, z, 1.0, False)
+                return loss, (loss, report)
+
+            (_, (loss, report)), grad_z = jax.value_and_grad(inner, has_aux=True)(z)
+            total = loss + penalty(self._to_site(grad_z)).astype(loss.dtype)
+            return self._scaled(total), (loss, report)
+
+        (_, (loss, report)), grads = jax.value_and_grad(f, has_aux=True)(self.trainable)
+        self._absorb(report)
+        self._accumulate(grads)
+        return jax.lax.stop_gradient(loss)
+
+    def joint_backward(
+        self, closure: Callable[[], Any], deltas: Any, objective: Callable[[list[Any]], Any]
+    ) -> Any:
+        """r3f / smart: the forwards inside one ``value_and_grad``; non-trainable
+        states chain from one forward to the next, as on the other backends."""
+        spec = self._spec_of_output()
+        z = jnp.zeros(spec.shape, spec.dtype)
+        start = self.non_trainable
+
+        def f(trainable: list[Any]) -> Any:
+            outs, reports = [], []
+            try:
+                for delta in deltas:
+                    self.delta = delta
+                    _, (out, report) = self._run_pass(closure, trainable, z, 1.0, True, raw=True)
+                    outs.append(out)
+                    reports.append(report)
+                    self._chain(report)
+            finally:
+                self.non_trainable = start
+                self.delta = None
+            total = _check_loss(objective(outs))
+            return self._scaled(total), (total, reports)
+
+        (_, (total, reports)), grads = jax.value_and_grad(f, has_aux=True)(self.trainable)
+        for report in reports:
+            self._absorb(report)
+        self._accumulate(grads)
+        return jax.lax.stop_gradient(total)
+
+    def forward_only(self, closure: Callable[[], Any], *, teacher: bool = False) -> Any:
+        """A forward of the current values (``teacher=True``: the teacher's), no gradient."""
+        spec = self._spec_of_output()
+        z = jnp.zeros(spec.shape, spec.dtype)
+        values = self.teacher_values() if teacher else self.trainable
+        _, (out, report) = self._run_pass(closure, values, z, 1.0, True, raw=True)
+        if not teacher:  # the teacher's forward leaves the model's states alone
+            self._absorb(report)
+        return jax.tree.map(jax.lax.stop_gradient, out)
+
+    teacher: Any = None  # SMART's Teacher (a metric carried in the step's state)
+    teacher_state: list[Any] | None = None  # its variables' values (in, then out)
+
+    def update_teacher(self, beta: float) -> None:
+        """The Teacher's update, run statelessly on the values the step carries."""
+        assert self.teacher_state is not None
+        optimizer = self.model.optimizer
+        own = list(self.teacher.variables)
+        mapping = list(zip(own, self.teacher_state))
+        mapping += list(zip(optimizer.variables, self.optimizer_values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self.teacher.update(self.trainable, beta, optimizer.iterations)
+        self.teacher_state = [
+            value if scope.get_current_value(v) is None else scope.get_current_value(v)
+            for v, value in zip(own, self.teacher_state)
+        ]
+
+    def teacher_values(self) -> list[Any]:
+        assert self.teacher_state is not None
+        return self.teacher_state[: len(self.teacher.values)]
+
+    def token_mask(self, like: Any) -> Any:
+        return token_mask_of(self, like, lambda m: jnp.asarray(m, like.dtype)[..., None])
+
+    def site_values(self) -> Any:
+        raise NotImplementedError("site_values() belongs to a site made of weights (awp).")
+
+
+class WeightSite(RecordOnce, JaxSite):
+    """method='awp': delta on a set of trainable variables, functionally: each pass
+    differentiates at ``value + delta`` (handed to the stateless call); nothing
+    stored is written, so nothing is restored."""
+
+    record_once = JaxSite.record
+
+    def __init__(self, *args: Any, indices: list[int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.indices = list(indices)  # positions of the perturbed variables in trainable
+
+    def in_pass(self) -> bool:
+        return False  # no hook; values() reads the pass through _pass
+
+    def _perturbed(self, trainable: list[Any]) -> list[Any]:
+        if self.delta is None:
+            return trainable
+        out = list(trainable)
+        for j, d in zip(self.indices, self.delta):
+            out[j] = trainable[j] + d.astype(trainable[j].dtype)
+        return out
+
+    def forward_backward(
+        self,
+        closure: Callable[[], Any],
+        *,
+        param_grads: bool,
+        scale: float = 1.0,
+        allow_none: bool = False,
+        keep_grad: bool = True,
+    ) -> Any:
+        def f(trainable: list[Any]) -> Any:
+            self._pass = {"trainable": self._perturbed(trainable), "report": {}}
+            try:
+                out = closure()
+                report = self._pass["report"]
+            finally:
+                self._pass = None
+            loss = _check_loss(out)
+            target = loss if scale == 1.0 else loss * jnp.asarray(scale, loss.dtype)
+            return self._scaled(target), (loss, report)
+
+        (_, (loss, report)), grads = jax.value_and_grad(f, has_aux=True)(self.trainable)
+        self._absorb(report)
+        if keep_grad:
+            self._grad = tuple(grads[j] for j in self.indices)
+        if param_grads:
+            self._accumulate(grads)
+        return jax.lax.stop_gradient(loss)
+
+    def site_values(self) -> Any:
+        return tuple(self.trainable[j] for j in self.indices)
+
+    def set_delta(self, delta: Any) -> None:
+        if callable(delta) or not isinstance(delta, tuple):
+            raise TypeError(
+                "advgraph internal error: the weight site takes one delta per weight (a tuple). "
+                f"{received(delta=type(delta).__name__)}"
+            )
+        self.delta = delta
 
 
 def _embeddings(layer: keras.layers.Layer) -> Any:
@@ -415,7 +591,9 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
     trainable, non_trainable, optimizer_values, metrics_values = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     config = adv.config
+    check_labels(config.method, y)
     vat = config.method == "vat"
+    pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
     counters = adv.stats.counters
     slots = {id(v): i for i, v in enumerate(self.metrics_variables)}
     counts_slot, key_slot = slots[id(counters.counts)], slots[id(counters.key)]
@@ -432,7 +610,12 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
             jax.tree.map(spec, x),
         )
 
-    site = JaxSite(
+    site_class: Any = JaxSite
+    extra: dict[str, Any] = {}
+    if config.mode == "weights":
+        position = {id(v): i for i, v in enumerate(self.trainable_variables)}
+        site_class, extra = WeightSite, {"indices": [position[id(w)] for w in adv.weights]}
+    site = site_class(
         self,
         adv.target,
         config.mode,
@@ -442,6 +625,7 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
         jax.random.wrap_key_data(metrics_values[key_slot]),
         probe,
         adv.shared_matrix,
+        **extra,
     )
 
     def closure() -> Any:
@@ -455,10 +639,17 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
             optimizer_variables=optimizer_values,
         )
         site.report(y_pred=y_pred, non_trainable=n, metrics=m)
-        return (loss, y_pred) if vat else loss
+        return (loss, y_pred) if pair else loss
+
+    teacher_slots: list[int] = []
+    if adv.teacher is not None:
+        site.teacher = adv.teacher
+        teacher_slots = [slots[id(v)] for v in adv.teacher.variables]
+        site.teacher_state = [metrics_values[i] for i in teacher_slots]
 
     with adv.hook.activate(site), jax_keys(site.next_key):
         loss = run_method(site, closure, config)
+        count_step(site, config.method)
 
     first = site.records[0]
     grads = site.param_grads
@@ -473,4 +664,6 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
     )
     new_metrics[counts_slot] = metrics_values[counts_slot] + site.counts
     new_metrics[key_slot] = jax.random.key_data(site.key)
+    for i, value in zip(teacher_slots, site.teacher_state or []):
+        new_metrics[i] = value
     return logs, (new_trainable, site.non_trainable, new_optimizer, new_metrics)

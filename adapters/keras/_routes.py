@@ -166,7 +166,8 @@ def wrap_call(layer: keras.layers.Layer, hook: SiteHook, *, before: bool = False
         def call(*args: Any, **kwargs: Any) -> Any:
             if is_reverse_call(args, kwargs):  # a tied output head: not the lookup
                 return original(*args, **kwargs)
-            return hook(original(*args, **kwargs))
+            inputs = args[0] if args else kwargs.get("inputs")
+            return hook(original(*args, **kwargs), mask=lambda: _mask_of(layer, inputs))
 
     call.__advgraph_hook__ = hook  # type: ignore[attr-defined]
     object.__setattr__(layer, "call", call)
@@ -178,6 +179,14 @@ def wrap_call(layer: keras.layers.Layer, hook: SiteHook, *, before: bool = False
             object.__delattr__(layer, "call")
 
     return undo
+
+
+def _mask_of(layer: keras.layers.Layer, inputs: Any) -> Any:
+    """The Keras mask ``layer`` gives its output (``Embedding(mask_zero=True)``), or None."""
+    try:
+        return layer.compute_mask(inputs, None)
+    except (TypeError, ValueError, NotImplementedError):
+        return None
 
 
 def is_call_wrapped(layer: keras.layers.Layer) -> bool:

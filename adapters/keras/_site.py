@@ -54,9 +54,9 @@ import tensorflow as tf
 from advgraph._delta import DeltaResult
 from advgraph._errors import received
 
-from ._hook import STAT_KEYS, Perturbation, SiteHook, StatsBase, is_reverse_call
+from ._hook import STAT_KEYS, Perturbation, RecordOnce, SiteHook, StatsBase, is_reverse_call, token_mask_of
 
-__all__ = ["Stats", "SiteHook", "OutputSite", "MatrixSite", "Perturbation", "add_grads"]
+__all__ = ["Stats", "SiteHook", "OutputSite", "MatrixSite", "WeightSite", "Perturbation", "add_grads"]
 
 
 def _all_reduce_sum(value: Any) -> Any:
@@ -235,6 +235,97 @@ class _KerasSite:
 
     def record(self, result: DeltaResult) -> None:
         self.stats.record(result)
+
+    # -- calls for gp, r3f, smart and neftune (see advgraph._methods.Site) -----------
+    mask: Any = None  # set by the hook: a function giving the target's Keras mask
+
+    def _accumulate(self, new: list[Any]) -> None:
+        if self.param_grads is None:
+            self.param_grads = list(new)
+        else:
+            self.param_grads = [add_grads(a, b) for a, b in zip(self.param_grads, new)]
+
+    def _scaled(self, total: Any) -> Any:
+        optimizer = getattr(self.model, "optimizer", None)
+        return total if optimizer is None else optimizer.scale_loss(total)
+
+    def _open(self, tape: tf.GradientTape) -> None:
+        self._tape = tape
+        self._graph = tf.compat.v1.get_default_graph()
+        self._begin_pass(tape)
+
+    def penalty_backward(self, closure: Callable[[], Any], penalty: Callable[[Any], Any]) -> Any:
+        """gp: the site's gradient under an inner tape, recorded by an outer one."""
+        if not self.variables:
+            self.variables = list(self.model.trainable_variables)
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                self._open(inner)
+                try:
+                    loss = check_loss(closure())
+                finally:
+                    self._tape = None
+            self._take_grad(inner.gradient(loss, self._sources()))
+            total = loss + tf.cast(penalty(self.site_grad()), loss.dtype)
+            target = self._scaled(total)
+        self._accumulate(outer.gradient(target, self.variables))
+        return tf.stop_gradient(loss)
+
+    def joint_backward(
+        self, closure: Callable[[], Any], deltas: Any, objective: Callable[[list[Any]], Any]
+    ) -> Any:
+        """r3f / smart: every forward under one tape, one gradient of the objective."""
+        if not self.variables:
+            self.variables = list(self.model.trainable_variables)
+        try:
+            with tf.GradientTape() as tape:
+                outs = []
+                for delta in deltas:
+                    self.clear()
+                    if delta is not None:
+                        self.set_delta(delta)
+                    self._open(tape)
+                    try:
+                        outs.append(closure())
+                    finally:
+                        self._tape = None
+                    self._sources()  # the target ran (once, in output mode)
+                total = check_loss(objective(outs))
+                target = self._scaled(total)
+            self._accumulate(tape.gradient(target, self.variables))
+        finally:
+            self.clear()
+        return tf.stop_gradient(total)
+
+    def forward_only(self, closure: Callable[[], Any], *, teacher: bool = False) -> Any:
+        """A forward outside any tape (the hook passes outputs through unchanged)."""
+        if teacher:
+            return self.teacher_forward(closure)
+        return tf.nest.map_structure(tf.stop_gradient, closure())
+
+    teacher: Any = None  # SMART's Teacher (set by the train step)
+    teacher_pass = False  # the closure's forward is the teacher's (metrics skip it)
+
+    def update_teacher(self, beta: float) -> None:
+        if not self.variables:
+            self.variables = list(self.model.trainable_variables)
+        self.teacher.update([v.value for v in self.variables], beta, self.model.optimizer.iterations)
+
+    def teacher_forward(self, closure: Callable[[], Any]) -> Any:
+        """The closure with the teacher's values read for the trainable variables."""
+        mapping = [(v, t.value) for v, t in zip(self.variables, self.teacher.values)]
+        self.teacher_pass = True
+        try:
+            with keras.StatelessScope(state_mapping=mapping):
+                return tf.nest.map_structure(tf.stop_gradient, closure())
+        finally:
+            self.teacher_pass = False
+
+    def token_mask(self, like: Any) -> Any:
+        return token_mask_of(self, like, lambda m: tf.cast(m, like.dtype)[..., None])
+
+    def site_values(self) -> Any:
+        raise NotImplementedError("site_values() belongs to a site made of weights (awp).")
 
 
 class OutputSite(_KerasSite):
@@ -494,3 +585,58 @@ class MatrixSite(_KerasSite):
         self._pending = None
         self.rows_delta = None
         self._restore()
+
+
+class WeightSite(RecordOnce, _KerasSite):
+    """method='awp': delta on a set of variables (one array per variable, a tuple).
+
+    The gradient at the site is this pass's gradient of each variable (dense). The
+    perturbed values are assigned; restore assigns the values read before (bit-exact).
+    """
+
+    mode = "weights"
+
+    record_once = _KerasSite.record
+
+    def __init__(self, model: keras.Model, stats: Stats, weights: list[Any]) -> None:
+        super().__init__(model, stats)
+        self.weights = list(weights)
+        self._chosen: list[int] = []
+        self._saved: list[Any] | None = None
+
+    def in_pass(self) -> bool:
+        return False  # no hook: nothing happens at a layer's output
+
+    def _sources(self) -> list[Any]:
+        return list(self.weights)
+
+    def _take_grad(self, grads: list[Any]) -> None:
+        # Weights the loss does not reach (no gradient) are left alone, as on PyTorch.
+        self._chosen = [i for i, g in enumerate(grads) if g is not None]
+        if not self._chosen:
+            raise RuntimeError(
+                "No gradient at the perturbed weights: the loss does not depend on them. "
+                f"{received(weights=len(self.weights))}"
+            )
+        self._grad = tuple(tf.convert_to_tensor(grads[i]) for i in self._chosen)
+
+    def site_values(self) -> Any:
+        return tuple(tf.identity(self.weights[i].value) for i in self._chosen)
+
+    def set_delta(self, delta: Any) -> None:
+        if callable(delta) or not isinstance(delta, tuple):
+            raise TypeError(
+                "advgraph internal error: the weight site takes one delta per weight (a tuple). "
+                f"{received(delta=type(delta).__name__)}"
+            )
+        chosen = [self.weights[i] for i in self._chosen]
+        if self._saved is None:
+            self._saved = [tf.identity(v.value) for v in chosen]
+        for var, saved, d in zip(chosen, self._saved, delta):
+            var.assign(saved + tf.cast(d, saved.dtype))
+
+    def clear(self) -> None:
+        if self._saved is not None:
+            for var, saved in zip([self.weights[i] for i in self._chosen], self._saved):
+                var.assign(saved)
+            self._saved = None

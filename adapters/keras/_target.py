@@ -158,3 +158,44 @@ def find_target(model: keras.Model, target: Any) -> tuple[str, keras.layers.Laye
         f"itself. Embedding layers: {_describe(embeddings)}; all layers: "
         f"{_describe(layers)}. {received(target=target)}"
     )
+
+
+# Keras' names of the variables AWP perturbs: the counterpart of PyTorch's `weight`
+# (dense / convolution kernels, embedding matrices, normalisation scales); biases,
+# `beta` and statistics are never perturbed.
+AWP_NAMES = ("kernel", "embeddings", "gamma", "depthwise_kernel", "pointwise_kernel", "recurrent_kernel")
+
+
+def awp_variables(model: keras.Model, target: Any) -> tuple[str, list[Any]]:
+    """Resolve method='awp''s ``target`` to ``(description, [variable, ...])``.
+
+    ``target``: a layer (name, path or object), a list of them, a comma-separated
+    string, or the model itself / ``""`` for every layer. Every trainable variable
+    named in :data:`AWP_NAMES` under them is perturbed, each once.
+    """
+    from advgraph._errors import received
+
+    if isinstance(target, str) and "," in target:
+        target = [t.strip() for t in target.split(",")]
+    targets = list(target) if isinstance(target, (list, tuple)) else [target]
+    if not targets:
+        raise ValueError(f"`target` names no layer. {received(target=target)}")
+    paths: list[str] = []
+    found: list[Any] = []
+    for item in targets:
+        if item is model or item == "":
+            path, layer = "", model
+        else:
+            path, layer = find_target(model, item)
+        paths.append(path)
+        for var in layer.trainable_variables:
+            name = var.name.rsplit("/", 1)[-1]
+            if name in AWP_NAMES and not any(var is seen for seen in found):
+                found.append(var)
+    if not found:
+        raise ValueError(
+            "method='awp' perturbs the trainable kernels, embedding matrices and "
+            f"normalisation scales ({', '.join(AWP_NAMES)}) under `target`; there are none. "
+            f"{received(target=','.join(paths) or '<model>')}"
+        )
+    return ",".join(paths) or "<model>", found

@@ -17,7 +17,8 @@ import tensorflow as tf
 from advgraph._methods import run_method
 
 from . import _private
-from ._site import MatrixSite, OutputSite, Stats
+from ._hook import PAIR_METHODS, check_labels, count_step
+from ._site import MatrixSite, OutputSite, Stats, WeightSite
 
 __all__ = ["make_stats", "train_step"]
 
@@ -48,6 +49,7 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
     """
     config = state.config
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    check_labels(config.method, y)
     site: Any
     if config.mode == "matrix":
         site = MatrixSite(
@@ -57,10 +59,14 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
             static_shapes=bool(self.jit_compile),
             whole_matrix=state.shared_matrix,
         )
+    elif config.mode == "weights":
+        site = WeightSite(self, state.stats, state.weights)
     else:
         site = OutputSite(self, state.stats)
+    site.teacher = state.teacher
     predictions: list[Any] = []
     vat = config.method == "vat"
+    pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
 
     def closure() -> Any:
         # Metrics see the first (clean) pass only: the per-output loss trackers of
@@ -73,18 +79,20 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
             y_pred = self(x, training=True)
         else:
             y_pred = self(x)
-        predictions.append(y_pred)
+        if not site.teacher_pass:  # SMART's teacher forward: not the clean pass
+            predictions.append(y_pred)
         if vat and y is None:  # unlabeled batch: VAT needs the logits only
             out = y_pred
         else:
             loss = _private.compute_loss(self, x, y, y_pred, sample_weight)
-            out = (loss, y_pred) if vat else loss
+            out = (loss, y_pred) if pair else loss
         for var, value in zip(metric_vars, saved):
             var.assign(value)
         return out
 
     with state.hook.activate(site):
         loss = run_method(site, closure, config)
+        count_step(site, config.method)
 
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     _private.loss_tracker(self).update_state(

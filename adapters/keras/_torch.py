@@ -26,9 +26,9 @@ from advgraph._errors import received
 from advgraph._methods import run_method
 
 from . import _private
-from ._hook import StatsBase
+from ._hook import PAIR_METHODS, RecordOnce, StatsBase, check_labels, count_step, token_mask_of
 
-__all__ = ["Stats", "TorchSite", "make_stats", "train_step"]
+__all__ = ["Stats", "TorchSite", "WeightSite", "make_stats", "train_step"]
 
 
 class Stats(StatsBase):
@@ -247,14 +247,194 @@ class TorchSite:
     def record(self, result: DeltaResult) -> None:
         self.stats.record(result)
 
+    # -- calls for gp, r3f, smart and neftune (see advgraph._methods.Site) -----------
+    mask: Any = None  # set by the hook: a function giving the target's Keras mask
+
+    def _forward(self, closure: Callable[[], Any]) -> tuple[Any, list[Any]]:
+        self._pass = []
+        try:
+            out = closure()
+            captured = self._pass
+        finally:
+            self._pass = None
+        if not captured:
+            raise ValueError(
+                "The forward of the training step did not run the target layer, so there is "
+                "no perturbation site. Train the model returned by advgraph.wrap(). "
+                f"{received(target_calls=0)}"
+            )
+        return out, captured
+
+    def _backward_params(self, total: Any) -> None:
+        if self.model.optimizer is not None:
+            total = self.model.optimizer.scale_loss(total)
+        new = list(torch.autograd.grad(total, [v.value for v in self.variables], allow_unused=True))
+        if self.param_grads is None:
+            self.param_grads = new
+        else:
+            self.param_grads = [
+                b if a is None else a if b is None else a + b for a, b in zip(self.param_grads, new)
+            ]
+
+    def penalty_backward(self, closure: Callable[[], Any], penalty: Callable[[Any], Any]) -> Any:
+        """gp: the site's gradient with ``create_graph=True``, then one backward."""
+        out, captured = self._forward(closure)
+        loss = _check_loss(out)
+        (grad,) = torch.autograd.grad(loss, captured[:1], create_graph=True, allow_unused=True)
+        total = loss + penalty(self._to_site(grad, captured[0])).to(loss.dtype)
+        self._backward_params(total)
+        return loss.detach()
+
+    def joint_backward(
+        self, closure: Callable[[], Any], deltas: Any, objective: Callable[[list[Any]], Any]
+    ) -> Any:
+        """r3f / smart: every forward kept differentiable, one backward of the objective."""
+        try:
+            outs = []
+            for delta in deltas:
+                self.clear()
+                if delta is not None:
+                    self.set_delta(delta)
+                outs.append(self._forward(closure)[0])
+            total = _check_loss(objective(outs))
+            del outs
+            self._backward_params(total)
+        finally:
+            self.clear()
+        return total.detach()
+
+    def forward_only(self, closure: Callable[[], Any], *, teacher: bool = False) -> Any:
+        """A forward without autograd (outside a pass: the hook leaves outputs alone)."""
+        with torch.no_grad():
+            if teacher:
+                return keras.tree.map_structure(_detach, self.teacher_forward(closure))
+            return keras.tree.map_structure(_detach, closure())
+
+    teacher: Any = None  # SMART's Teacher (set by the train step)
+    teacher_pass = False  # the closure's forward is the teacher's (metrics skip it)
+
+    def update_teacher(self, beta: float) -> None:
+        with torch.no_grad():
+            self.teacher.update([v.value for v in self.variables], beta, self.model.optimizer.iterations)
+
+    def teacher_forward(self, closure: Callable[[], Any]) -> Any:
+        """The closure with the teacher's values read for the trainable variables."""
+        mapping = [(v, t.value) for v, t in zip(self.variables, self.teacher.values)]
+        self.teacher_pass = True
+        try:
+            with keras.StatelessScope(state_mapping=mapping):
+                return closure()
+        finally:
+            self.teacher_pass = False
+
+    def token_mask(self, like: Any) -> Any:
+        return token_mask_of(self, like, lambda m: m.to(like.dtype).unsqueeze(-1))
+
+    def site_values(self) -> Any:
+        raise NotImplementedError("site_values() belongs to a site made of weights (awp).")
+
+
+class WeightSite(RecordOnce, TorchSite):
+    """method='awp': delta on a set of variables (a tuple, one array per variable).
+
+    The perturbed values are copied into the parameters in place; restore copies the
+    saved values back (bit-exact, also when a pass raises)."""
+
+    record_once = TorchSite.record
+
+    def __init__(self, model: keras.Model, stats: Stats, weights: list[Any]) -> None:
+        super().__init__(model, stats, model, "weights")
+        self.weights = list(weights)
+        self._grads: list[Any] = []
+        self._chosen: list[int] = []
+        self._saved_weights: list[Any] | None = None
+
+    def in_pass(self) -> bool:
+        return False  # no hook
+
+    def forward_backward(
+        self,
+        closure: Callable[[], Any],
+        *,
+        param_grads: bool,
+        scale: float = 1.0,
+        allow_none: bool = False,
+        keep_grad: bool = True,
+    ) -> Any:
+        out = closure()
+        if out is None and allow_none:
+            return None
+        loss = _check_loss(out)
+        target = loss if scale == 1.0 else loss * scale
+        if self.model.optimizer is not None:
+            target = self.model.optimizer.scale_loss(target)
+        sources = [w.value for w in self.weights] if keep_grad else []
+        params = [v.value for v in self.variables] if param_grads else []
+        grads = torch.autograd.grad(target, sources + params, allow_unused=True) if sources or params else ()
+        if keep_grad:
+            self._grads = list(grads[: len(sources)])
+        if param_grads:
+            new = list(grads[len(sources) :])
+            if self.param_grads is None:
+                self.param_grads = new
+            else:
+                self.param_grads = [
+                    b if a is None else a if b is None else a + b for a, b in zip(self.param_grads, new)
+                ]
+        return loss.detach()
+
+    def site_grad(self) -> Any:
+        self._chosen = [i for i, g in enumerate(self._grads) if g is not None]
+        if not self._chosen:
+            raise RuntimeError(
+                "No gradient at the perturbed weights: the loss does not depend on them. "
+                f"{received(weights=len(self.weights))}"
+            )
+        grads = tuple(self._grads[i] for i in self._chosen)
+        self._grads = []
+        return grads
+
+    def site_values(self) -> Any:
+        return tuple(self.weights[i].value.detach() for i in self._chosen)
+
+    def set_delta(self, delta: Any) -> None:
+        if callable(delta) or not isinstance(delta, tuple):
+            raise TypeError(
+                "advgraph internal error: the weight site takes one delta per weight (a tuple). "
+                f"{received(delta=type(delta).__name__)}"
+            )
+        params = [self.weights[i].value for i in self._chosen]
+        with torch.no_grad():
+            if self._saved_weights is None:
+                self._saved_weights = [p.detach().clone() for p in params]
+            for p, saved, d in zip(params, self._saved_weights, delta):
+                p.copy_(saved + d.to(p.dtype))
+
+    def clear(self) -> None:
+        if self._saved_weights is not None:
+            with torch.no_grad():
+                for i, saved in zip(self._chosen, self._saved_weights):
+                    self.weights[i].value.copy_(saved)
+            self._saved_weights = None
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
 
 def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
     """The wrapped model's torch ``train_step``; metrics see the clean pass."""
     config = adv.config
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    site = TorchSite(self, adv.stats, adv.target, config.mode)
+    check_labels(config.method, y)
+    if config.mode == "weights":
+        site = WeightSite(self, adv.stats, adv.weights)
+    else:
+        site = TorchSite(self, adv.stats, adv.target, config.mode)
+    site.teacher = adv.teacher
     predictions: list[Any] = []
     vat = config.method == "vat"
+    pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
 
     def closure() -> Any:
         later = bool(predictions)
@@ -264,18 +444,20 @@ def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
             y_pred = self(x, training=True)
         else:
             y_pred = self(x)
-        predictions.append(y_pred)
+        if not site.teacher_pass:  # SMART's teacher forward: not the clean pass
+            predictions.append(y_pred)
         if vat and y is None:
             out = y_pred
         else:
             loss = _private.compute_loss(self, x, y, y_pred, sample_weight)
-            out = (loss, y_pred) if vat else loss
+            out = (loss, y_pred) if pair else loss
         for var, value in zip(metric_vars, saved):
             var.assign(value)
         return out
 
     with adv.hook.activate(site):
         loss = run_method(site, closure, config)
+        count_step(site, config.method)
 
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     _private.loss_tracker(self).update_state(loss, sample_weight=first.shape[0])
