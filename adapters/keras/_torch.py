@@ -171,18 +171,7 @@ class TorchSite:
         allow_none: bool = False,
         keep_grad: bool = True,
     ) -> Any:
-        self._pass = []
-        try:
-            out = closure()
-            captured = self._pass
-        finally:
-            self._pass = None
-        if not captured:
-            raise ValueError(
-                "The forward of the training step did not run the target layer, so there is "
-                "no perturbation site. Train the model returned by advgraph.wrap(). "
-                f"{received(target_calls=0)}"
-            )
+        out, captured = self._forward(closure)
         if out is None and allow_none:
             return None
         loss = _check_loss(out)
