@@ -16,6 +16,8 @@ Numerics:
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Any, NamedTuple
 
 from advgraph._errors import check_choice, check_positive_finite, received
@@ -93,6 +95,14 @@ def _flag(ops: Ops, flag: Array, grad: Array, per_sample: bool) -> Array:
     return ops.reshape(flag, ())
 
 
+def _radius(epsilon: Any) -> Any:
+    """A positive finite number; or a 0-d array as is (a scheduled radius evaluated
+    inside a compiled step, whose value is known only when the step runs)."""
+    if getattr(epsilon, "shape", None) == () and not isinstance(epsilon, numbers.Real):
+        return epsilon
+    return check_positive_finite("epsilon", epsilon)
+
+
 def compute_delta(
     grad: Array,
     epsilon: float = 1.0,
@@ -126,7 +136,7 @@ def compute_delta(
         >>> res.nonfinite
         array([False,  True])
     """
-    epsilon = check_positive_finite("epsilon", epsilon)
+    epsilon = _radius(epsilon)
     norm = check_choice("norm", norm, NORMS)
     ops = _check_array(grad, per_sample)
     axes = _axes(ops.ndim(grad), per_sample)
@@ -204,7 +214,7 @@ def project(
         >>> advgraph.project(np.array([0.3, -2.0]), 1.0, norm="linf")
         array([ 0.3, -1. ])
     """
-    epsilon = check_positive_finite("epsilon", epsilon)
+    epsilon = _radius(epsilon)
     norm = check_choice("norm", norm, NORMS)
     ops = _check_array(delta, per_sample, name="delta")
     axes = _axes(ops.ndim(delta), per_sample)

@@ -11,17 +11,12 @@ from __future__ import annotations
 import sys
 from typing import Any, TypeVar
 
-from advgraph._config import UNSET, make_config
+from advgraph._config import make_config
 from advgraph._errors import received
 
 __all__ = ["wrap", "unwrap", "is_wrapped"]
 
 M = TypeVar("M")
-
-# Methods added after the Keras adapter: a Keras model gets them only where the
-# adapter lists them in SUPPORTED_METHODS (today it lists all of them).
-_KERAS_PENDING = ("gp", "r3f", "smart", "neftune", "awp")
-
 
 def _framework_of(model: Any) -> str | None:
     # Keras first: on the torch backend a keras.Model is also a torch.nn.Module.
@@ -47,26 +42,8 @@ def wrap(
     target: Any = "embedding",
     mode: str = "output",
     *,
-    method: str = "fgm",
-    epsilon: float | None = UNSET,
-    norm: str | None = None,
-    per_sample: bool | None = None,
-    steps: int | None = None,
-    alpha: float | None = None,
-    random_init: bool | None = None,
-    objective: str | None = None,
-    init_mag: float | None = None,
-    xi: float | None = None,
-    vat_weight: float | None = None,
-    noise_eps: float | None = None,
-    noise_type: str | None = None,
-    r3f_lambda: float | None = None,
-    smart_lambda: float | None = None,
-    smart_mu: float | None = None,
-    smart_beta: float | None = None,
-    neftune_alpha: float | None = None,
-    adv_lr: float | None = None,
-    adv_eps: float | None = None,
+    method: Any = "fgm",
+    **knobs: Any,
 ) -> M:
     """Add embedding-level adversarial training to a PyTorch or Keras model.
 
@@ -80,37 +57,17 @@ def wrap(
         mode: ``"output"``: delta on the embedding's output, one per sample (Miyato
             et al.). ``"matrix"``: delta on the embedding matrix rows the batch
             touched, shared by every occurrence of a token (the classic Keras recipe).
-        method: ``"fgm"`` (l2, default), ``"fgsm"`` (linf sign), ``"pgd"`` (Madry et
-            al.), ``"freelb"`` (Zhu et al.), ``"vat"`` (Miyato et al., label-free;
-            the closure returns ``logits`` or ``(loss, logits)``), ``"gp"``
-            (gradient penalty), ``"r3f"`` (Aghajanyan et al.) and ``"smart"``
-            (Jiang et al.; both: the closure returns ``(loss, logits)``),
-            ``"neftune"`` (Jain et al.; output mode) or ``"awp"`` (Wu et al.;
-            adversarial weight perturbation). See README's method table.
-        epsilon: radius of the perturbation (FreeLB: max norm, ``None`` =
-            unbounded; gp: the penalty weight). Default 1.0; not read by r3f,
-            smart, neftune, awp.
-        norm: ``"l2"`` or ``"linf"``; default from the method.
-        per_sample: normalise per sample; default True for output, False for matrix.
-        steps: pgd/freelb ascent steps (default 3); vat power iterations (default 1).
-        alpha: pgd step size (default ``2.5 * epsilon / steps``); freelb (default 0.1).
-        random_init: pgd random start (default False); freelb (default True).
-        objective: ``"clean+adv"`` (clean and adversarial gradients add up; default)
-            or ``"adv"`` (only the adversarial passes drive the update; FreeLB's only
-            objective and its default).
-        init_mag: freelb random-start magnitude (default 0.1).
-        xi: vat power-iteration scale (default 0.1).
-        vat_weight: weight of the VAT term (default 1.0).
-        noise_eps: r3f / smart noise size (default 1e-5).
-        noise_type: r3f noise, ``"uniform"`` (default) or ``"normal"``.
-        r3f_lambda: weight of R3F's symmetric KL (default 1.0).
-        smart_lambda: weight of SMART's smoothness term (default 1.0).
-        smart_mu: weight of SMART's proximal term (default 1.0; 0 turns it off).
-        smart_beta: momentum of SMART's teacher (default 0.99).
-        neftune_alpha: NEFTune's alpha (default 5.0).
-        adv_lr: AWP's relative step (default 0.005, Wu et al.'s gamma).
-        adv_eps: AWP's relative elementwise bound (default 0.2).
-        A knob the chosen method does not read raises ``ValueError``.
+        method: a method object -- ``advgraph.methods.FGM(...)``, ``FGSM``, ``PGD``,
+            ``FreeLB``, ``VAT``, ``GP``, ``R3F``, ``SMART``, ``NEFTune``, ``AWP``, or a
+            user's own :class:`advgraph.Method` -- or the lower-case name of a
+            built-in one (default ``"fgm"``), with its settings as keywords.
+        **knobs: with a name, that method's settings (``epsilon``, ``norm``,
+            ``per_sample``, ``steps``, ``alpha``, ``random_init``, ``objective``,
+            ``init_mag``, ``xi``, ``vat_weight``, ``noise_eps``, ``noise_type``,
+            ``r3f_lambda``, ``smart_lambda``, ``smart_mu``, ``smart_beta``,
+            ``neftune_alpha``, ``adv_lr``, ``adv_eps``, ``start``); each method's
+            class documents its own and their defaults. A keyword the method does
+            not read raises ``ValueError`` naming the ones it does.
 
     Returns:
         The wrapped model. Always use this object. PyTorch: it is ``model`` itself
@@ -133,6 +90,10 @@ def wrap(
         >>> x, y = torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])
         >>> loss = wrapped.adversarial_step(lambda: torch.nn.functional.cross_entropy(wrapped(x), y))
         >>> model = advgraph.unwrap(wrapped)
+        >>> wrapped = advgraph.wrap(model, method=advgraph.methods.PGD(epsilon=0.5, steps=2))
+        >>> wrapped.advgraph_method.passes()
+        3
+        >>> model = advgraph.unwrap(wrapped)
     """
     framework = _framework_of(model)
     if framework is None:
@@ -140,40 +101,8 @@ def wrap(
             "`model` must be a torch.nn.Module or a keras.Model. "
             f"{received(model=type(model).__name__)}"
         )
-    config = make_config(
-        mode=mode,
-        method=method,
-        epsilon=epsilon,
-        norm=norm,
-        per_sample=per_sample,
-        steps=steps,
-        alpha=alpha,
-        random_init=random_init,
-        objective=objective,
-        init_mag=init_mag,
-        xi=xi,
-        vat_weight=vat_weight,
-        noise_eps=noise_eps,
-        noise_type=noise_type,
-        r3f_lambda=r3f_lambda,
-        smart_lambda=smart_lambda,
-        smart_mu=smart_mu,
-        smart_beta=smart_beta,
-        neftune_alpha=neftune_alpha,
-        adv_lr=adv_lr,
-        adv_eps=adv_eps,
-    )
-    if framework == "keras" and config.method in _KERAS_PENDING and not _keras_has(config.method):
-        raise ValueError(
-            f"method={config.method!r} runs on the PyTorch adapter; the Keras adapter does "
-            f"not implement it yet. {received(method=config.method, framework='keras')}"
-        )
+    config = make_config(mode=mode, method=method, **knobs)
     return _adapter(framework).wrap(model, target, config)
-
-
-def _keras_has(method: str) -> bool:
-    """Whether the Keras adapter says it runs ``method`` (``SUPPORTED_METHODS``)."""
-    return method in getattr(_adapter("keras"), "SUPPORTED_METHODS", ())
 
 
 def unwrap(model: M) -> M:

@@ -109,7 +109,8 @@ def adversarial_step(
             when there is exactly one.
 
     Returns:
-        The clean loss, detached.
+        The clean loss, detached. The method's ``start`` and schedules count
+        ``trainer.global_step`` (optimizer steps).
 
     Raises:
         ValueError: automatic optimization is on, or no (or several) wrapped modules.
@@ -143,4 +144,7 @@ def adversarial_step(
             "`wrapped` must be the module returned by advgraph.wrap(). "
             f"{received(wrapped=type(wrapped).__name__)}"
         )
-    return wrapped.adversarial_step(closure, backward=module.manual_backward)
+    # The method's `start` and schedules read the trainer's optimizer step count.
+    trainer = getattr(module, "_trainer", None)
+    step = int(trainer.global_step) if trainer is not None else None
+    return wrapped.adversarial_step(closure, backward=module.manual_backward, step=step)

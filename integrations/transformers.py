@@ -41,7 +41,6 @@ For a Trainer subclass of your own (e.g. from TRL), put the mixin first:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,8 +58,16 @@ import advgraph  # noqa: E402
 
 __all__ = ["AdversarialTrainer", "AdversarialTrainerMixin"]
 
-_NEEDS_LOGITS = ("vat", "r3f", "smart")
-_WRAP_OPTIONS = tuple(p for p in inspect.signature(advgraph.wrap).parameters if p != "model")
+_WRAP_OPTIONS = ("target", "mode", "method")
+# The Trainer's own option: plain steps before this epoch (the Kaggle AWP form).
+_TRAINER_OPTIONS = ("start_epoch",)
+
+
+def _knobs() -> tuple[str, ...]:
+    """Every keyword some built-in method takes through wrap()."""
+    from advgraph.methods._names import BUILTIN, keywords
+
+    return tuple(sorted({k for name in BUILTIN for k in keywords(name)}))
 
 
 def _check_options(adversarial: Any) -> dict[str, Any]:
@@ -69,13 +76,22 @@ def _check_options(adversarial: Any) -> dict[str, Any]:
             "`adversarial` must be a dict of advgraph.wrap() keyword arguments, e.g. "
             f'{{"mode": "output", "epsilon": 1.0}}. {received(adversarial=adversarial)}'
         )
-    unknown = sorted(str(k) for k in adversarial if k not in _WRAP_OPTIONS)
+    allowed = _WRAP_OPTIONS + _knobs() + _TRAINER_OPTIONS
+    unknown = sorted(str(k) for k in adversarial if k not in allowed)
     if unknown:
         raise TypeError(
-            f"`adversarial` takes the keyword arguments of advgraph.wrap(): "
-            f"{', '.join(_WRAP_OPTIONS)}. {received(unknown=unknown)}"
+            f"`adversarial` takes the keyword arguments of advgraph.wrap() "
+            f"({', '.join(_WRAP_OPTIONS)} and the method's settings: {', '.join(_knobs())}) "
+            f"and `start_epoch`. {received(unknown=unknown)}"
         )
-    return dict(adversarial)
+    options = dict(adversarial)
+    start_epoch = options.get("start_epoch", 0)
+    if isinstance(start_epoch, bool) or not isinstance(start_epoch, (int, float)) or start_epoch < 0:
+        raise TypeError(
+            "`start_epoch` must be a non-negative number: the epoch from which steps are "
+            f"adversarial (plain steps before it). {received(start_epoch=start_epoch)}"
+        )
+    return options
 
 
 def _not_a_boundary(accelerator: Any, backward: Any) -> Any:
@@ -148,7 +164,8 @@ class AdversarialTrainerMixin:
                     f"{received(adversarial=self._advgraph_options)}"
                 )
             return model
-        return advgraph.wrap(model, **(self._advgraph_options or {}))
+        options = {k: v for k, v in (self._advgraph_options or {}).items() if k not in _TRAINER_OPTIONS}
+        return advgraph.wrap(model, **options)
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
         """``Trainer.call_model_init`` with the fresh model wrapped by advgraph."""
@@ -220,10 +237,17 @@ class AdversarialTrainerMixin:
         if getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
             backward.advgraph_before_last = _not_a_boundary(accelerator, backward)  # type: ignore[attr-defined]
 
+        settings = wrapped.advgraph_method
         method = wrapped.advgraph_config.method
-        mask = inputs.get("attention_mask") if method == "neftune" else None
-        if method not in _NEEDS_LOGITS:
-            return wrapped.adversarial_step(closure, backward=backward, mask=mask)
+        # The optimizer step is the step the method's `start` and schedules read;
+        # before `start_epoch` every step is plain (the Kaggle AWP form).
+        state = self.state  # type: ignore[attr-defined]
+        start_epoch = (self._advgraph_options or {}).get("start_epoch", 0)
+        plain = bool(start_epoch) and float(state.epoch or 0.0) < start_epoch
+        run = {"backward": backward, "step": int(state.global_step), "plain": plain}
+        if settings.closure == "loss":
+            mask = inputs.get("attention_mask") if settings.needs_token_mask else None
+            return wrapped.adversarial_step(closure, mask=mask, **run)
 
         def keep_logits(module: nn.Module, args: Any, output: Any) -> None:
             captured["logits"] = getattr(output, "logits", None)
@@ -241,7 +265,7 @@ class AdversarialTrainerMixin:
 
         handle = wrapped.register_forward_hook(keep_logits)
         try:
-            return wrapped.adversarial_step(closure_with_logits, backward=backward)
+            return wrapped.adversarial_step(closure_with_logits, **run)
         finally:
             handle.remove()
 

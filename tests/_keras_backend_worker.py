@@ -4,7 +4,7 @@ Run as ``python _keras_backend_worker.py <framework> <out.npz> <cases.json>`` wi
 ``<framework>`` one of ``keras`` (the Keras backend is KERAS_BACKEND's) or
 ``torch-adapter`` (advgraph's PyTorch adapter, no Keras). For every case
 (mode, method, wrap kwargs, run_eagerly) it records the clean loss, every delta
-the core computed (spy on ``advgraph._methods.compute_delta``) and the weights
+the core computed (spy on ``advgraph.methods._common.compute_delta``) and the weights
 after one step, into ``out.npz`` under ``<case index>/<name>``.
 
 Model (same weights everywhere): ids (B, L) -> Embedding(V, D) -> mean over L ->
@@ -73,7 +73,7 @@ def fixed_uniform(shape: tuple[int, ...], rows: int) -> np.ndarray:
 
 
 def spy(to_numpy, seen: list[np.ndarray]) -> None:
-    import advgraph._methods as methods
+    import advgraph.methods._common as methods
 
     original = methods.compute_delta
 
@@ -210,7 +210,7 @@ def main() -> None:
     for i, case in enumerate(cases):
         seen: list[np.ndarray] = []
         if case["eager"]:
-            import advgraph._methods as methods
+            import advgraph.methods._common as methods
 
             plain = methods.compute_delta
             spy(to_numpy, seen)

@@ -456,6 +456,6 @@ def test_every_method_on_an_encoder_decoder(method, kwargs, mode):
             wrapped.adversarial_step(lambda: wrapped(**inputs).loss)
     handle.remove()
     assert param_bytes(model) == before
-    assert wrapped.advgraph_stats == {"steps": 1, "skipped_nonfinite": 0, "skipped_zero": 0}
+    assert wrapped.advgraph_stats == {"steps": 1, "plain_steps": 0, "skipped_nonfinite": 0, "skipped_zero": 0}
     assert not torch.equal(seen[-1], seen[0])  # the decoder's lookup was perturbed
     assert all(p.grad is not None for n, p in model.named_parameters() if "relative_attention_bias" not in n)

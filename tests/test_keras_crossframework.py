@@ -7,7 +7,7 @@ The clean loss, delta and the updated weights agree within 1e-5, and delta agree
 with the formula computed by hand from the clean gradient.
 
 delta is observed without any debugging API: both adapters compute it with the
-shared core (``advgraph._methods.compute_delta``), which this test spies on; in
+shared core (``advgraph.methods._common.compute_delta``), which this test spies on; in
 mode='matrix' the installed delta is read from the embedding matrix during the
 adversarial forward (the matrix minus its clean value), the same in both frameworks.
 """
@@ -25,7 +25,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import advgraph  # noqa: E402
-import advgraph._methods as methods  # noqa: E402
+import advgraph.methods._common as methods  # noqa: E402
 from advgraph.adapters.keras import _site as keras_site  # noqa: E402
 
 LR = 0.3

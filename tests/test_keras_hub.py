@@ -23,7 +23,7 @@ keras = pytest.importorskip("keras")
 keras_hub = pytest.importorskip("keras_hub")
 
 import advgraph  # noqa: E402
-import advgraph._methods as methods  # noqa: E402
+import advgraph.methods._common as methods  # noqa: E402
 from advgraph._errors import AdvGraphWarning  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":  # pragma: no cover

@@ -13,7 +13,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import advgraph  # noqa: E402
-import advgraph._methods as methods  # noqa: E402
+import advgraph.methods._common as methods  # noqa: E402
 from torch_models import MeanPool, param_bytes  # noqa: E402
 
 LR = 0.5
@@ -466,7 +466,7 @@ def test_new_methods_pass_counts(mode, method, kwargs, forwards, counted):
     finally:
         _module._StepRunner.__init__ = original
     assert len(calls) == forwards
-    assert methods.passes(wrapped.advgraph_config) == counted == runs[0].done
+    assert wrapped.advgraph_method.passes() == counted == runs[0].done
     assert param_bytes(model) == before
     assert not wrapped.__dict__["_advgraph"].site.active
     assert all(p.grad is not None for p in model.parameters())

@@ -11,7 +11,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import advgraph  # noqa: E402
-import advgraph._methods as methods  # noqa: E402
+import advgraph.methods._common as methods  # noqa: E402
 from torch_models import MeanPool, param_bytes  # noqa: E402
 
 METHODS = [
@@ -50,7 +50,7 @@ def test_every_pass_is_accounted_for(mode, method, kwargs, passes):
     wrapped.adversarial_step(closure)
     handle.remove()
     assert len(forwards) == passes
-    assert methods.passes(wrapped.advgraph_config) == passes
+    assert wrapped.advgraph_method.passes() == passes
     # Every forward is backpropagated (vat's clean pass through its supervised loss).
     assert len(backwards) == passes
     assert param_bytes(model) == before

@@ -12,7 +12,7 @@ import pytest
 
 from advgraph._config import make_config
 from advgraph._delta import DeltaResult
-from advgraph._methods import run_method, tree_map
+from advgraph.methods._common import tree_map
 
 
 class TwoCallSite:
@@ -66,7 +66,7 @@ def test_tree_map_rejects_mismatched_structure():
 
 def test_fgm_gives_each_call_its_own_delta():
     site = _site()
-    run_method(site, lambda: None, make_config(mode="output", method="fgm", epsilon=0.5))
+    make_config(mode="output", method="fgm", epsilon=0.5).settings.step(site, lambda: None)
     clean, adv = site.passes
     for x, t, d in zip(site.xs, site.ts, adv):
         expected = _per_sample_unit(2 * (x - t), 0.5)
@@ -77,7 +77,7 @@ def test_fgm_gives_each_call_its_own_delta():
 def test_pgd_projects_each_call_separately():
     site = _site(1)
     config = make_config(mode="output", method="pgd", epsilon=0.3, steps=3)
-    run_method(site, lambda: None, config)
+    config.settings.step(site, lambda: None)
     assert len(site.passes) == 4
     # Hand-written PGD on each call alone.
     for i, (x, t) in enumerate(zip(site.xs, site.ts)):
@@ -93,7 +93,7 @@ def test_pgd_projects_each_call_separately():
 def test_freelb_random_start_is_per_call():
     site = _site(2)
     config = make_config(mode="output", method="freelb", epsilon=None, steps=2)
-    run_method(site, lambda: None, config)
+    config.settings.step(site, lambda: None)
     first, second = site.passes
     for x, t, d0, d1 in zip(site.xs, site.ts, first, second):
         assert d0.shape == x.shape

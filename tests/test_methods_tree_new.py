@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from advgraph._config import make_config
-from advgraph._methods import run_method
 
 
 class TupleSite:
@@ -77,7 +76,7 @@ def closure_pair():
 
 def test_gp_penalty_sums_every_call():
     site = TupleSite()
-    run_method(site, lambda: 0.0, make_config(method="gp", epsilon=0.4))
+    make_config(method="gp", epsilon=0.4).settings.step(site, lambda: 0.0)
     expected = 0.2 * sum(float((g**2).sum()) for g in site.grads)
     np.testing.assert_allclose(site.penalties[0], expected, rtol=1e-12)
 
@@ -85,7 +84,7 @@ def test_gp_penalty_sums_every_call():
 def test_smart_normalises_each_call_per_token():
     site = TupleSite(1)
     config = make_config(method="smart", steps=2, alpha=0.3, noise_eps=0.05, smart_mu=0)
-    run_method(site, closure_pair, config)
+    config.settings.step(site, closure_pair)
     start = site.installed[0]
     noise = start
     for step in range(2):
@@ -103,7 +102,7 @@ def test_smart_normalises_each_call_per_token():
 
 def test_neftune_scales_each_call_by_its_own_length():
     site = TupleSite(2)
-    run_method(site, lambda: 0.0, make_config(method="neftune", neftune_alpha=3.0))
+    make_config(method="neftune", neftune_alpha=3.0).settings.step(site, lambda: 0.0)
     for x, d in zip(site.xs, site.installed[0]):
         n = x.shape[1]
         scale = 3.0 / np.sqrt(n * 4)

@@ -2,7 +2,7 @@
 
 A wrapped model trains adversarially in ``fit()`` (and ``train_on_batch()``): its
 ``train_step`` runs every forward/backward pass of the method through
-:func:`advgraph._methods.run_method` on a site of the model's backend, sums the
+:func:`Method.step` on a site of the model's backend, sums the
 parameter gradients of the passes, and makes ONE optimizer update. All of it runs
 inside the backend's compiled train function where Keras compiles one
 (TensorFlow: ``tf.function``, XLA, ``steps_per_execution``, ``MirroredStrategy``
@@ -67,7 +67,7 @@ __all__ = ["SUPPORTED_METHODS", "wrap", "unwrap", "is_wrapped"]
 SUPPORTED_METHODS = ("fgm", "fgsm", "pgd", "freelb", "vat", "gp", "r3f", "smart", "neftune", "awp")
 
 # Instance attributes wrap() sets on the model it returns; unwrap() deletes them.
-_PUBLIC_ATTRS = ("advgraph_stats", "advgraph_route", "advgraph_target", "advgraph_config")
+_PUBLIC_ATTRS = ("advgraph_stats", "advgraph_route", "advgraph_target", "advgraph_config", "advgraph_method")
 _METHOD_ATTRS = ("train_step", "fit", "get_config")
 
 
@@ -358,7 +358,7 @@ def _install_output(
 def _make_teacher(host: keras.Model, config: AdversarialConfig, backend: str) -> Teacher | None:
     """SMART's teacher (``smart_mu > 0``): one value per trainable variable, made now
     (TensorFlow cannot create variables inside the compiled step)."""
-    if config.method != "smart" or not config.smart_mu > 0:
+    if not config.settings.uses_teacher:
         return None
     sources = list(host.trainable_variables)
     if not sources:
@@ -396,6 +396,7 @@ def _attach(host: keras.Model, state: _State) -> None:
     setattr_(host, "advgraph_route", state.route)
     setattr_(host, "advgraph_target", state.target_path)
     setattr_(host, "advgraph_config", state.config)
+    setattr_(host, "advgraph_method", state.config.settings)
     host.train_function = None  # fit() builds the train function from the new train_step
 
 
@@ -436,7 +437,7 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
     hook = SiteHook(config.mode, path)
     if config.mode == "matrix":
         shared_matrix = _check_matrix_target(model, path, layer)
-        if shared_matrix and backend == "torch" and config.method in ("r3f", "smart"):
+        if shared_matrix and backend == "torch" and config.settings.edits_between_forwards:
             # The noisy forward edits the matrix in place while the clean forward's graph
             # (a tied head's matmul) still holds it for the one backward through both.
             raise ValueError(
@@ -468,13 +469,11 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
     )
     _attach(host, state)
     logger.info(
-        "advgraph: wrapped %s '%s': mode=%s method=%s epsilon=%s objective=%s route=%s target=%s",
+        "advgraph: wrapped %s '%s': mode=%s method=%r route=%s target=%s",
         type(model).__name__,
         model.name,
         config.mode,
-        config.method,
-        config.epsilon,
-        config.objective,
+        config.settings,
         route,
         path,
     )

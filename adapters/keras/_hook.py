@@ -3,7 +3,7 @@ perturbation layer and the read-only view of the step counters.
 
 Nothing here imports a backend (TensorFlow, JAX or torch): the backend's site
 (``_site`` for TensorFlow, ``_jax``, ``_torch``) does the array work. A site
-implements :class:`advgraph._methods.Site` and, for the hook, three calls:
+implements :class:`advgraph.Site` and, for the hook, three calls:
 
 - ``in_pass()``: whether a forward of the adversarial step runs now;
 - ``on_output(x)``: the target's output in such a forward (returns ``x`` plus delta);
@@ -24,7 +24,7 @@ from advgraph._errors import AdvGraphWarning
 
 __all__ = [
     "COUNT_ONCE",
-    "PAIR_METHODS",
+    "run_method",
     "STAT_KEYS",
     "Perturbation",
     "RecordOnce",
@@ -38,31 +38,37 @@ __all__ = [
 ]
 
 STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")
-# Methods whose closure returns ``(loss, logits)`` (their regulariser compares outputs).
-PAIR_METHODS = ("vat", "r3f", "smart")
 # Methods that compute no delta from a gradient: each step counts once in ``steps``.
 COUNT_ONCE = ("gp", "r3f", "neftune")
 
 
-def check_labels(method: str, y: Any) -> None:
-    """r3f / smart add their regulariser to the supervised loss: they need ``y``."""
-    if y is None and method in ("r3f", "smart"):
+def check_labels(method: Any, y: Any) -> None:
+    """A method whose closure returns ``(loss, logits)`` adds its regulariser to the
+    supervised loss: it needs ``y``."""
+    if y is None and method.closure == "loss_and_logits":
         from advgraph._errors import received
 
         raise ValueError(
-            f"method={method!r} adds its regulariser to the supervised loss, so fit() needs "
+            f"{method.label} adds its regulariser to the supervised loss, so fit() needs "
             f"labels (fit(x, y)); for an unlabeled batch use method='vat'. {received(y=None)}"
         )
 
 
-def count_step(site: Any, method: str) -> None:
-    """Count a step of a method whose passes record nothing (``steps`` += 1); awp:
-    one count for the step's weights together (see :class:`RecordOnce`)."""
-    if method in COUNT_ONCE:
+def run_method(site: Any, closure: Any, config: Any) -> Any:
+    """Every pass of the method's step on ``site``; the clean loss."""
+    loss = config.settings.step(site, closure)
+    count_step(site, config.settings)
+    return loss
+
+
+def count_step(site: Any, method: Any) -> None:
+    """Count a step of a method whose passes record nothing (``steps`` += 1); a
+    weight site: one count for the step's weights together (see :class:`RecordOnce`)."""
+    if method.name in COUNT_ONCE:
         from advgraph._delta import DeltaResult
 
         site.record(DeltaResult(None, False, False))
-    elif method == "awp":
+    elif method.site == "weights":
         site.flush_records()
 
 

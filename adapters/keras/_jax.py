@@ -37,11 +37,10 @@ import keras
 
 from advgraph._delta import DeltaResult
 from advgraph._errors import received
-from advgraph._methods import run_method
 from advgraph._ops import jax_keys
 
 from . import _private
-from ._hook import PAIR_METHODS, RecordOnce, StatsBase, check_labels, count_step, token_mask_of
+from ._hook import run_method, RecordOnce, StatsBase, check_labels, token_mask_of
 
 __all__ = ["Stats", "JaxSite", "WeightSite", "make_stats", "train_step", "attach", "detach"]
 
@@ -142,7 +141,7 @@ def _layout(ids: Any) -> tuple[Any, Any, Any]:
 
 
 class JaxSite:
-    """A :class:`advgraph._methods.Site` for one trace of the JAX ``train_step``.
+    """A :class:`advgraph.Site` for one trace of the JAX ``train_step``.
 
     A new site call is one method here: run the closure inside
     :meth:`_run_pass` (which makes the trainable values and ``z`` the inputs of
@@ -393,7 +392,7 @@ class JaxSite:
         flags = jnp.stack([jnp.any(result.nonfinite), jnp.any(result.zero)]).astype(jnp.int32)
         self.counts = self.counts + jnp.concatenate([jnp.ones((1,), jnp.int32), flags])
 
-    # -- calls for gp, r3f, smart and neftune (see advgraph._methods.Site) -----------
+    # -- calls for gp, r3f, smart and neftune (see advgraph.Site) -----------
     mask: Any = None  # set by the hook: a function giving the target's Keras mask
 
     def _accumulate(self, new: list[Any]) -> None:
@@ -591,9 +590,9 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
     trainable, non_trainable, optimizer_values, metrics_values = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     config = adv.config
-    check_labels(config.method, y)
-    vat = config.method == "vat"
-    pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
+    check_labels(config.settings, y)
+    vat = config.settings.closure == "logits"
+    pair = config.settings.closure != "loss"  # the closure returns (loss, logits)
     counters = adv.stats.counters
     slots = {id(v): i for i, v in enumerate(self.metrics_variables)}
     counts_slot, key_slot = slots[id(counters.counts)], slots[id(counters.key)]
@@ -649,7 +648,6 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
 
     with adv.hook.activate(site), jax_keys(site.next_key):
         loss = run_method(site, closure, config)
-        count_step(site, config.method)
 
     first = site.records[0]
     grads = site.param_grads

@@ -1,6 +1,6 @@
 """Perturbation sites for Keras 3 on the TensorFlow backend, and its step counters.
 
-Both sites implement :class:`advgraph._methods.Site`, so the methods of
+Both sites implement :class:`advgraph.Site`, so the methods of
 ``advgraph._methods`` run on them unchanged. Everything here is graph-safe: it
 runs inside the compiled train function (``tf.function``, also with
 ``jit_compile=True``), with no host round-trip.
@@ -236,7 +236,7 @@ class _KerasSite:
     def record(self, result: DeltaResult) -> None:
         self.stats.record(result)
 
-    # -- calls for gp, r3f, smart and neftune (see advgraph._methods.Site) -----------
+    # -- calls for gp, r3f, smart and neftune (see advgraph.Site) -----------
     mask: Any = None  # set by the hook: a function giving the target's Keras mask
 
     def _accumulate(self, new: list[Any]) -> None:

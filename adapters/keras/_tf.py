@@ -14,10 +14,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from advgraph._methods import run_method
 
 from . import _private
-from ._hook import PAIR_METHODS, check_labels, count_step
+from ._hook import run_method, check_labels
 from ._site import MatrixSite, OutputSite, Stats, WeightSite
 
 __all__ = ["make_stats", "train_step"]
@@ -49,7 +48,7 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
     """
     config = state.config
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    check_labels(config.method, y)
+    check_labels(config.settings, y)
     site: Any
     if config.mode == "matrix":
         site = MatrixSite(
@@ -65,8 +64,8 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
         site = OutputSite(self, state.stats)
     site.teacher = state.teacher
     predictions: list[Any] = []
-    vat = config.method == "vat"
-    pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
+    vat = config.settings.closure == "logits"
+    pair = config.settings.closure != "loss"  # the closure returns (loss, logits)
 
     def closure() -> Any:
         # Metrics see the first (clean) pass only: the per-output loss trackers of
@@ -92,7 +91,6 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
 
     with state.hook.activate(site):
         loss = run_method(site, closure, config)
-        count_step(site, config.method)
 
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     _private.loss_tracker(self).update_state(

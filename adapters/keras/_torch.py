@@ -23,10 +23,9 @@ import torch
 
 from advgraph._delta import DeltaResult
 from advgraph._errors import received
-from advgraph._methods import run_method
 
 from . import _private
-from ._hook import PAIR_METHODS, RecordOnce, StatsBase, check_labels, count_step, token_mask_of
+from ._hook import run_method, RecordOnce, StatsBase, check_labels, token_mask_of
 
 __all__ = ["Stats", "TorchSite", "WeightSite", "make_stats", "train_step"]
 
@@ -75,7 +74,7 @@ def _check_loss(loss: Any) -> torch.Tensor:
 
 
 class TorchSite:
-    """A :class:`advgraph._methods.Site` for one PyTorch ``train_step``.
+    """A :class:`advgraph.Site` for one PyTorch ``train_step``.
 
     A new site call is one method here: run the closure between
     :meth:`_begin_pass` and :meth:`_end_pass` and differentiate what it needs.
@@ -236,7 +235,7 @@ class TorchSite:
     def record(self, result: DeltaResult) -> None:
         self.stats.record(result)
 
-    # -- calls for gp, r3f, smart and neftune (see advgraph._methods.Site) -----------
+    # -- calls for gp, r3f, smart and neftune (see advgraph.Site) -----------
     mask: Any = None  # set by the hook: a function giving the target's Keras mask
 
     def _forward(self, closure: Callable[[], Any]) -> tuple[Any, list[Any]]:
@@ -415,15 +414,15 @@ def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
     """The wrapped model's torch ``train_step``; metrics see the clean pass."""
     config = adv.config
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    check_labels(config.method, y)
+    check_labels(config.settings, y)
     if config.mode == "weights":
         site = WeightSite(self, adv.stats, adv.weights)
     else:
         site = TorchSite(self, adv.stats, adv.target, config.mode)
     site.teacher = adv.teacher
     predictions: list[Any] = []
-    vat = config.method == "vat"
-    pair = config.method in PAIR_METHODS  # the closure returns (loss, logits)
+    vat = config.settings.closure == "logits"
+    pair = config.settings.closure != "loss"  # the closure returns (loss, logits)
 
     def closure() -> Any:
         later = bool(predictions)
@@ -446,7 +445,6 @@ def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
 
     with adv.hook.activate(site):
         loss = run_method(site, closure, config)
-        count_step(site, config.method)
 
     first = next(t for t in keras.tree.flatten(x) if t is not None)
     _private.loss_tracker(self).update_state(loss, sample_weight=first.shape[0])

@@ -3,7 +3,7 @@
 :class:`SiteCalls` is mixed into both embedding sites (output and matrix);
 :class:`RunnerCalls` into the step runner, which knows the wrapped module (the
 teacher's forward needs it). Each call is one self-contained pass, documented on
-:class:`advgraph._methods.Site`.
+:class:`advgraph.Site`.
 """
 
 from __future__ import annotations

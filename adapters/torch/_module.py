@@ -33,7 +33,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from advgraph._config import AdversarialConfig
 from advgraph._errors import AdvGraphWarning, received
-from advgraph._methods import passes, run_method, single_delta
+
+from advgraph.methods._plain import PLAIN as _PLAIN
+from advgraph.methods._plain import PlainStep
 
 from ._calls import RunnerCalls
 from ._deepspeed import backward_before_last, check_backward
@@ -257,6 +259,8 @@ class AdversarialModule:
         *,
         backward: Callable[[torch.Tensor], Any] | None = None,
         mask: torch.Tensor | None = None,
+        step: int | None = None,
+        plain: bool = False,
     ) -> torch.Tensor:
         """Run every forward/backward pass of the method for one training step.
 
@@ -286,9 +290,16 @@ class AdversarialModule:
                 sequence), nonzero for real tokens (e.g. ``attention_mask``); padding
                 gets no noise and does not count in the length. Without it, padding
                 is known from the embedding's ``padding_idx``, if it has one.
+            step: the step count the method's ``start`` and schedules read (e.g. the
+                optimizer step under gradient accumulation, ``trainer.global_step``).
+                Default: the number of ``adversarial_step`` calls so far.
+            plain: run one plain forward/backward instead of the method (counted in
+                ``plain_steps``), for a loop that decides itself when adversarial
+                training starts (``AdversarialTrainer``'s ``start_epoch``).
 
         Returns:
-            The clean loss, detached.
+            The clean loss, detached. Before the method's ``start``, a step is one
+            plain forward/backward (counted in ``advgraph_stats["plain_steps"]``).
         """
         state = _state(self)
         if not callable(closure):
@@ -315,23 +326,32 @@ class AdversarialModule:
             _follow(self, state)
         if state.sync is None:  # a module wrapped before this field existed
             state.sync = _SyncDeferral()
-        runner = _StepRunner(state.site, state.sync, backward, passes(state.config))
+        index = state.stats.steps + state.stats.plain_steps if step is None else _check_step(step)
+        method = state.config.settings
+        if plain or index < method.start:
+            method = _PLAIN.get(method.closure, _PLAIN["loss"])
+        else:
+            method = method.at(index)
+        runner = _StepRunner(state.site, state.sync, backward, method.passes())
         runner.host = self
         state.sync.deferred = 0
         if mask is not None:
             state.site.step_mask = mask
         try:
-            loss = run_method(runner, closure, state.config)
+            loss = method.step(runner, closure)
         finally:
             if mask is not None:
                 state.site.step_mask = None
         if runner.done < runner.passes and state.sync.deferred:
             # The last pass ran with DDP's sync deferred: gradients were not all-reduced.
             raise RuntimeError(
-                "advgraph internal error: the method ran fewer passes than advgraph._methods.passes() "
-                "expects, so DDP's gradient sync was deferred in its last pass. "
+                "advgraph internal error: the method ran fewer passes than its passes() "
+                "says, so DDP's gradient sync was deferred in its last pass. "
                 f"{received(method=state.config.method, passes=runner.done, expected=runner.passes)}"
             )
+        if isinstance(method, PlainStep):
+            state.stats.plain_steps += 1
+            return loss
         state.stats.steps += 1
         return loss
 
@@ -355,7 +375,7 @@ class AdversarialModule:
             _follow(self, state)
         # No local reference to delta: in matrix mode the site applies it in place and
         # keeps only the saved rows, so the block holds O(rows x d) once, not twice.
-        site.set_delta(single_delta(site, state.config))
+        site.set_delta(state.config.settings.delta(site))
         state.stats.steps += 1
         site.capturing = False  # the pass inside the block needs no gradient at the site
         try:
@@ -414,8 +434,14 @@ class AdversarialModule:
 
     @property
     def advgraph_config(self) -> AdversarialConfig:
-        """The resolved settings."""
+        """The resolved settings: ``mode`` and the method (``settings``)."""
         return _state(self).config
+
+    @property
+    def advgraph_method(self) -> Any:
+        """The method object this model trains with (an :class:`advgraph.Method`,
+        its defaults for the mode filled in)."""
+        return _state(self).config.settings
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         cls = type(self)
@@ -568,7 +594,7 @@ def _install_all(
         raise
     if isinstance(site, MatrixSite):
         site.lookups = [lookup.module for lookup in done]
-    if config.method == "neftune":
+    if config.settings.needs_token_mask:
         # NEFTune's padding: the ids of each call of a lookup and the target's padding_idx.
         for lookup in done:
             lookup.handles.append(lookup.module.register_forward_pre_hook(site.record_ids, with_kwargs=True))
@@ -647,8 +673,19 @@ def _follow(model: nn.Module, state: _State) -> None:
     )
 
 
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if hasattr(step, "item") and getattr(step, "ndim", 1) == 0:
+            return _check_step(step.item())
+        raise TypeError(
+            "adversarial_step(step=...) takes the step count, a non-negative int (e.g. "
+            f"the optimizer step), or None. {received(step=step)}"
+        )
+    return step
+
+
 def _check_mask(state: _State, mask: Any) -> None:
-    if state.config.method != "neftune":
+    if not state.config.settings.needs_token_mask:
         raise ValueError(
             "adversarial_step(mask=...) tells method='neftune' where the padding is; "
             f"method={state.config.method!r} does not read it. {received(method=state.config.method)}"
@@ -664,7 +701,7 @@ def _refuse_tied_joint(model: nn.Module, path: str, module: nn.Module, config: A
     """r3f / smart in matrix mode run a clean and a perturbed forward before one
     backward; the rows are edited in place in between, which autograd refuses when
     another layer (a tied LM head) saved the same weight for its backward."""
-    if config.method not in ("r3f", "smart"):
+    if not config.settings.edits_between_forwards:
         return
     lookups = {p for p, _ in find_lookups(model, path, module, every=True)} | {path}
     tied = [
@@ -717,7 +754,7 @@ def _wrap_weights(model: nn.Module, target: Any, config: AdversarialConfig) -> n
 
 
 def _wrap(model: nn.Module, target: Any, config: AdversarialConfig) -> nn.Module:
-    if config.method == "awp":
+    if config.mode == "weights":
         return _wrap_weights(model, target, config)
     path, module, lookups, sharding = _find(model, target, config)
     stats = Stats()

@@ -1,6 +1,6 @@
 """Perturbation sites for PyTorch: the embedding's output, or its matrix rows.
 
-Both implement :class:`advgraph._methods.Site`. The gradient at the site always
+Both implement :class:`advgraph.Site`. The gradient at the site always
 comes from the embedding's output in the current pass, never from ``.grad``:
 with gradient accumulation ``.grad`` holds earlier micro-batches.
 
@@ -40,10 +40,12 @@ class Stats:
         self.steps = 0
         self.skipped_nonfinite = 0
         self.skipped_zero = 0
+        self.plain_steps = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
             "steps": self.steps,
+            "plain_steps": self.plain_steps,
             "skipped_nonfinite": self.skipped_nonfinite,
             "skipped_zero": self.skipped_zero,
         }

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from torch.nn import functional as F  # noqa: E402
 
 import advgraph  # noqa: E402
-import advgraph._methods as methods_module  # noqa: E402
+import advgraph.methods._common as methods_module  # noqa: E402
 from torch_models import MeanPool, param_bytes  # noqa: E402
 
 # method: (kwargs, forwards, modes)

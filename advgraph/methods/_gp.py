@@ -1,0 +1,62 @@
+"""Gradient penalty (bert4torch's adversarial callback; Su Jianlin's Keras recipe, 2020)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from advgraph._errors import received
+
+from . import _common
+from ._base import Method, check_number
+from ._common import leaves
+from ._site import Closure, Site
+
+__all__ = ["GP"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GP(Method):
+    """Gradient penalty: 1 pass (a forward and a double backward).
+
+    ``loss + epsilon / 2 * ||dL/de||^2`` with ``e`` the site (output mode: the
+    embedding's activations; matrix mode: the rows the batch touched), summed over
+    every entry (and every call of the target). The objective is ``"clean+adv"``:
+    the penalty is added to the clean loss.
+
+    Fields:
+        epsilon: the penalty weight (default 1.0).
+
+    Example:
+        >>> import advgraph
+        >>> advgraph.methods.GP(epsilon=0.5).passes()
+        1
+    """
+
+    name: ClassVar[str] = "gp"
+    objective: ClassVar[str] = "clean+adv"
+
+    epsilon: Any = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epsilon is None:
+            raise TypeError(f"`epsilon` must be a positive finite number. {received(epsilon=None, method='gp')}")
+        check_number(self, "epsilon")
+
+    def passes(self) -> int:
+        return 1
+
+    def step(self, site: Site, closure: Closure) -> Any:
+        half = self.epsilon / 2.0
+
+        def penalty(grad: Any) -> Any:
+            total = None
+            for g in leaves(grad):
+                ops = _common.ops_for(g)
+                w = ops.widen(g)
+                part = ops.reshape(ops.sum(w * w, tuple(range(ops.ndim(w)))), ())
+                total = part if total is None else total + part
+            return total * half
+
+        return site.penalty_backward(closure, penalty)
