@@ -29,8 +29,7 @@ class AdversarialConfig:
 
     ``config.method`` is the method's name (``"pgd"``; a user's method: its class
     name), and a method's setting reads through: ``config.steps`` is
-    ``config.settings.steps`` (the names ``wrap()`` takes work too:
-    ``config.smart_mu``).
+    ``config.settings.steps`` (the longer keyword names ``wrap()`` takes work too).
 
     Example:
         >>> import advgraph

@@ -15,6 +15,8 @@ from torch import nn
 
 from advgraph._errors import received
 
+from ._checks import check_loss
+
 __all__ = ["SiteCalls", "RunnerCalls", "Teacher"]
 
 
@@ -67,8 +69,6 @@ class SiteCalls:
             backward(total)
 
     def penalty_backward(self, closure: Callable[[], Any], penalty: Callable[[Any], Any]) -> torch.Tensor:
-        from ._site import check_loss
-
         self.new_pass()  # type: ignore[attr-defined]
         self._keep_outputs = True
         self.capturing = True

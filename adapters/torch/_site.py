@@ -31,6 +31,7 @@ from advgraph._errors import AdvGraphWarning, received
 
 from . import _taps
 from ._calls import SiteCalls
+from ._checks import check_loss
 
 
 class Stats:
@@ -51,33 +52,8 @@ class Stats:
         }
 
 
-def check_loss(loss: Any) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            "The closure must return the loss as a scalar torch.Tensor. "
-            f"{received(closure_returned=type(loss).__name__)}"
-        )
-    if loss.numel() != 1:
-        raise ValueError(
-            "The closure must return a scalar loss (one element); reduce it first, e.g. "
-            f".mean(). {received(loss_shape=tuple(loss.shape))}"
-        )
-    if not loss.requires_grad:
-        raise ValueError(
-            "The closure's loss does not require grad: it must come from a forward of the "
-            "wrapped model with autograd enabled (not under torch.no_grad()). "
-            f"{received(loss_requires_grad=False)}"
-        )
-    return loss
-
-
 _KEYS = itertools.count(1)
-_SITES: "weakref.WeakValueDictionary[int, _Site]" = weakref.WeakValueDictionary()
-
-
-def site_by_key(key: int) -> "_Site | None":
-    """The live site registered under ``key`` (the compiled path's taps find it so)."""
-    return _SITES.get(key)
+_SITES = _taps.SITES  # the live sites by key (the compiled path's taps find them there)
 
 
 _OWN_BACKWARD = (

@@ -19,20 +19,23 @@ needs the gradient at the site asks autograd for the anchor's gradient.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
-__all__ = ["tap"]
+__all__ = ["SITES", "tap"]
+
+# The live sites by key, registered by the sites themselves (adapters/torch/_site.py);
+# a custom op receives the key, never the site, so that it stays a graph constant.
+SITES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 
 
 @torch.library.custom_op("advgraph::grad_tap", mutates_args=())
 def _grad_tap(
     grad: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from ._site import site_by_key
-
-    owner = site_by_key(site)
+    owner = SITES.get(site)
     if owner is not None:
         owner.on_compiled_grad(call, ids, index, grad)
     return grad.clone(), grad.new_zeros(())

@@ -20,7 +20,8 @@ from torch import nn
 
 from advgraph._errors import received
 
-from ._site import Stats, _Site, check_loss
+from ._checks import check_loss
+from ._site import Stats, _Site
 from ._target import find_target
 
 __all__ = ["WeightSite", "awp_parameters"]

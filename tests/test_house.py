@@ -1,0 +1,73 @@
+"""The shape of the code base the method layer promises (issue "Methods as objects")."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import pathlib
+
+import advgraph
+from advgraph.methods import _site
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _relative_imports(folder: pathlib.Path) -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # module level and inside functions
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module] if node.module else [a.name for a in node.names])
+        graph[path.stem] = deps
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found = []
+
+    def walk(node: str, stack: list[str]) -> None:
+        for dep in sorted(graph.get(node, ())):
+            if dep in stack:
+                found.append(stack[stack.index(dep):] + [dep])
+            elif len(stack) < len(graph):
+                walk(dep, stack + [dep])
+
+    for node in graph:
+        walk(node, [node])
+    return found
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"a"}}) and not _cycles({"a": {"b"}, "b": set()})
+
+
+def test_no_import_cycle_in_the_adapters_or_the_methods():
+    for folder in ("adapters/torch", "adapters/keras", "advgraph/methods"):
+        assert _cycles(_relative_imports(ROOT / folder)) == [], folder
+
+
+def test_no_file_in_the_package_is_over_500_lines():
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in (ROOT / "advgraph").rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 500
+    }
+    assert long == {}
+
+
+def test_config_knows_no_method_setting():
+    text = (ROOT / "advgraph" / "_config.py").read_text()
+    for knob in ("smart_mu", "neftune_alpha", "adv_lr", "r3f_lambda", "init_mag", "vat_weight"):
+        assert knob not in text, knob
+
+
+def test_site_protocol_is_no_longer_than_before_the_method_layer():
+    calls = [n for n, v in vars(_site.Site).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert len(calls) <= 11, calls  # the eleven calls of the private protocol it replaced
+
+
+def test_every_builtin_method_lives_in_its_own_module():
+    for cls in advgraph.methods.BUILTIN.values():
+        module = cls.__module__.rsplit(".", 1)[-1]
+        assert module.startswith("_") and module[1:] in (cls.name, "fgm"), (cls, module)
