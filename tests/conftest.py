@@ -34,6 +34,19 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     ml_dtypes = None
 
+# Hypothesis draws the same examples on every run and machine (derandomize: the seed
+# comes from each test's name), so a failure in CI comes back locally. No example
+# database either: a stored failing example would make runs differ. For a randomized
+# search, run with HYPOTHESIS_PROFILE=explore.
+try:
+    from hypothesis import settings as hypothesis_settings
+except ImportError:  # pragma: no cover - depends on the environment
+    hypothesis_settings = None
+else:
+    hypothesis_settings.register_profile("advgraph", derandomize=True, database=None, print_blob=True)
+    hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
+    hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "advgraph"))
+
 BACKENDS = ("numpy", "torch", "tensorflow")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 HALF_DTYPES = ("float16", "bfloat16")
