@@ -19,6 +19,13 @@ import pytest
 # tests/reliability/ shares the model zoo of this folder (torch_models).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# The in-process Keras tests compute their references with TensorFlow (tf.GradientTape,
+# tf.function, tf.Variable), so this process runs Keras on the TensorFlow backend
+# whatever ~/.keras/keras.json selects; the other backends run in subprocesses
+# (test_keras_backends.py sets KERAS_BACKEND for each). An explicit KERAS_BACKEND is
+# kept: those tests then skip, saying why (test_keras_support.py).
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
 try:  # torch first: see the module docstring.
     import torch
 except ImportError:  # pragma: no cover - depends on the environment
