@@ -78,6 +78,23 @@ def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> fl
     return statistics.median(a / b for a, b in zip(times[name], times[reference]))
 
 
+def paired_ratios(times: dict[str, list[float]], name: str, reference: str, scale: float = 1.0) -> list[float]:
+    """Every round's ``name`` time / (``scale`` x ``reference`` time in the same round)."""
+    return [a / (scale * b) for a, b in zip(times[name], times[reference])]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, quartiles (IQR), min and max of ``values``: what a ratio's noise looks like."""
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
+    return {"median": q2, "q1": q1, "q3": q3, "min": min(values), "max": max(values), "n": len(values)}
+
+
+def format_spread(s: dict[str, float]) -> str:
+    """``0.985 (IQR 0.962-1.004, min-max 0.931-1.052, n=15)``."""
+    return (f"{s['median']:.3f} (IQR {s['q1']:.3f}-{s['q3']:.3f}, "
+            f"min-max {s['min']:.3f}-{s['max']:.3f}, n={s['n']})")
+
+
 def write_json(path: str, payload: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)

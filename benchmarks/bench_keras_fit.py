@@ -12,7 +12,10 @@ the backend chosen with ``--backend`` (``all``: one subprocess per backend):
   functional, E + delta passed into the stateless call; torch: eager, in place);
 - advgraph FGM ``fit`` in matrix and in output mode.
 
-Targets: advgraph <= 1.05 x the hand-written step, and <= 2 x the plain step.
+Target: advgraph <= 1.05 x the hand-written step. The hand-written step is the
+like-for-like reference: two passes and one optimizer update, in the same compiled
+train function. Twice a plain fit is not (it counts the optimizer update and Keras'
+per-step overhead twice), so the report does not divide by it; plain is shown for scale.
 
     python benchmarks/bench_keras_fit.py --backend all [--repeats 5] [--json out.json]
 """
@@ -173,7 +176,7 @@ def run_backend(args: argparse.Namespace) -> dict:
 
 
 def report(results: list[dict]) -> str:
-    from _common import table
+    from _common import format_spread, paired_ratios, spread, table
 
     rows = []
     for r in results:
@@ -181,10 +184,12 @@ def report(results: list[dict]) -> str:
         hand, plain = med["hand FGM (matrix)"], med["plain"]
         for name in ("advgraph FGM matrix", "advgraph FGM output"):
             ratio = med[name] / hand
+            per_round = spread(paired_ratios(r["times_s"], name, "hand FGM (matrix)"))
             rows.append((r["backend"], name.replace("advgraph FGM ", ""), f"{plain * 1e3:.0f}",
                          f"{hand * 1e3:.0f}", f"{med[name] * 1e3:.0f}", f"{ratio:.3f}",
-                         "ok" if ratio <= 1.05 else "MISSED", f"{med[name] / (2 * plain):.2f}"))
-    header = ("backend", "mode", "plain ms", "hand FGM ms", "advgraph ms", "adv/hand", "<=1.05", "adv/(2 x plain)")
+                         format_spread(per_round), "ok" if per_round["median"] <= 1.05 else "MISSED"))
+    header = ("backend", "mode", "plain ms", "hand FGM ms", "advgraph ms", "adv/hand (medians)",
+              "adv/hand per round: median (IQR, min-max)", "<=1.05 (per round)")
     return table(rows, header)
 
 

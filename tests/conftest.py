@@ -19,6 +19,13 @@ import pytest
 # tests/reliability/ shares the model zoo of this folder (torch_models).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# The in-process Keras tests compute their references with TensorFlow (tf.GradientTape,
+# tf.function, tf.Variable), so this process runs Keras on the TensorFlow backend
+# whatever ~/.keras/keras.json selects; the other backends run in subprocesses
+# (test_keras_backends.py sets KERAS_BACKEND for each). An explicit KERAS_BACKEND is
+# kept: those tests then skip, saying why (test_keras_support.py).
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
 try:  # torch first: see the module docstring.
     import torch
 except ImportError:  # pragma: no cover - depends on the environment
@@ -33,6 +40,19 @@ try:
     import ml_dtypes
 except ImportError:  # pragma: no cover - depends on the environment
     ml_dtypes = None
+
+# Hypothesis draws the same examples on every run and machine (derandomize: the seed
+# comes from each test's name), so a failure in CI comes back locally. No example
+# database either: a stored failing example would make runs differ. For a randomized
+# search, run with HYPOTHESIS_PROFILE=explore.
+try:
+    from hypothesis import settings as hypothesis_settings
+except ImportError:  # pragma: no cover - depends on the environment
+    hypothesis_settings = None
+else:
+    hypothesis_settings.register_profile("advgraph", derandomize=True, database=None, print_blob=True)
+    hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
+    hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "advgraph"))
 
 BACKENDS = ("numpy", "torch", "tensorflow")
 DTYPES = ("float16", "bfloat16", "float32", "float64")

@@ -54,6 +54,30 @@ SETTINGS = settings(
 SETTINGS_WIDE = settings(SETTINGS, max_examples=32)
 
 BACKEND_DTYPE = [pytest.param(b, d, id=f"{b}-{d}") for b in BACKENDS for d in DTYPES]
+
+
+def test_hypothesis_draws_the_same_examples_on_every_run():
+    """The suite's settings (conftest's "advgraph" profile) are derandomized: a failure
+    found once, in CI or here, comes back on the next run."""
+    import os
+
+    if os.environ.get("HYPOTHESIS_PROFILE", "advgraph") != "advgraph":
+        pytest.skip(f"HYPOTHESIS_PROFILE={os.environ['HYPOTHESIS_PROFILE']} asks for random draws")
+    assert SETTINGS.derandomize and SETTINGS_WIDE.derandomize and SETTINGS.database is None
+
+    def draws():
+        seen = []
+
+        @SETTINGS
+        @given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=5))
+        def record(xs):
+            seen.append(xs)
+
+        record()
+        return seen
+
+    first = draws()
+    assert len(first) > 5 and first == draws()
 NORM_PER_SAMPLE = [
     pytest.param(n, p, id=f"{n}-{'per_sample' if p else 'global'}")
     for n in ("l2", "linf")

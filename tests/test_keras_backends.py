@@ -15,8 +15,10 @@ The Keras backend is fixed per process, so every backend runs in a subprocess:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -211,17 +213,82 @@ def test_fgm_matches_the_hand_computed_step(runs, mode: str, objective: str) -> 
             np.testing.assert_allclose(result[f"{i}/{key}"], ref[key], err_msg=f"{name} {key}", **TOL)
 
 
+# Skips the per-backend suite may report, by design, with the backends where they are
+# expected: a skip whose reason matches none of these fails test_backend_suite. Every
+# skip, expected or not, is shown by test_backend_suite_skips (pytest -ra lists it).
+EXPECTED_SKIPS = (
+    # keras_backend_cases.py's in-graph assert test: only TensorFlow has one.
+    (("jax", "torch"), re.compile(r"an assert inside TensorFlow's compiled graph")),
+    # Optional packages of the keras-hub cases.
+    (BACKENDS, re.compile(r"could not import 'keras_hub'")),
+)
+_SKIP_LINE = re.compile(r"^SKIPPED \[(\d+)\] (\S+?):(\d+): (.*)$", re.M)
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_suite(backend: str) -> subprocess.CompletedProcess:
+    """keras_backend_cases.py under pytest with KERAS_BACKEND=backend (run once per backend)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+         os.path.join(HERE, "keras_backend_cases.py")],
+        env=_env(backend), capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )  # fmt: skip
+
+
+def child_skips(output: str) -> list[tuple[int, str, str]]:
+    """``(count, location, reason)`` of every SKIPPED line of a child pytest's ``-rs`` summary."""
+    return [(int(n), f"{os.path.basename(path)}:{line}", reason) for n, path, line, reason in _SKIP_LINE.findall(output)]
+
+
+def unexpected_skips(backend: str, skips: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    return [
+        skip for skip in skips
+        if not any(backend in where and pattern.search(skip[2]) for where, pattern in EXPECTED_SKIPS)
+    ]  # fmt: skip
+
+
+def test_child_skip_parsing() -> None:
+    output = (
+        "....s..\n=========================== short test summary info ============================\n"
+        "SKIPPED [2] tests/keras_backend_cases.py:319: an assert inside TensorFlow's compiled graph\n"
+        "SKIPPED [1] tests/keras_backend_cases.py:243: could not import 'keras_hub': No module named 'keras_hub'\n"
+        "SKIPPED [1] tests/keras_backend_cases.py:50: something else broke\n"
+        "40 passed, 4 skipped in 12.00s\n"
+    )
+    skips = child_skips(output)
+    assert [(n, where) for n, where, _ in skips] == [
+        (2, "keras_backend_cases.py:319"), (1, "keras_backend_cases.py:243"), (1, "keras_backend_cases.py:50")
+    ]
+    assert unexpected_skips("jax", skips) == [skips[2]]
+    # On TensorFlow the TF-only test must run: its skip there is unexpected.
+    assert unexpected_skips("tensorflow", skips) == [skips[0], skips[2]]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_suite(backend: str) -> None:
-    """The per-backend suite (keras_backend_cases.py) passes with KERAS_BACKEND=backend."""
+    """The per-backend suite (keras_backend_cases.py) passes with KERAS_BACKEND=backend,
+    and skips nothing but what EXPECTED_SKIPS allows on that backend."""
     if not _available(backend):
         pytest.skip(f"{backend} is not installed")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, "keras_backend_cases.py")],
-        env=_env(backend),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+    proc = _backend_suite(backend)
+    tail = proc.stdout[-8000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail
+    assert re.search(r"\b[1-9]\d* passed", proc.stdout), tail
+    unexpected = unexpected_skips(backend, child_skips(proc.stdout))
+    assert not unexpected, f"keras_backend_cases.py skipped on {backend}: {unexpected}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_suite_skips(backend: str) -> None:
+    """Every skip of the per-backend suite, re-raised here so that it shows in this run."""
+    if not _available(backend):
+        pytest.skip(f"{backend} is not installed")
+    proc = _backend_suite(backend)
+    if proc.returncode != 0:
+        pytest.skip(f"keras_backend_cases.py failed on {backend}: see test_backend_suite[{backend}]")
+    skips = child_skips(proc.stdout)
+    if skips:
+        pytest.skip(
+            f"keras_backend_cases.py with KERAS_BACKEND={backend} skipped {sum(n for n, _, _ in skips)}: "
+            + "; ".join(f"{n}x {where} ({reason})" for n, where, reason in skips)
+        )

@@ -12,12 +12,12 @@ keras_backend_cases.py.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")  # torch before tensorflow (see tests/conftest.py)
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 keras_hub = pytest.importorskip("keras_hub")
@@ -27,7 +27,12 @@ import advgraph.methods._common as methods  # noqa: E402
 from advgraph._errors import AdvGraphWarning  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":  # pragma: no cover
-    pytest.skip("this file runs on the TensorFlow backend", allow_module_level=True)
+    pytest.skip(
+        f"this file is the TensorFlow run (tf.GradientTape references); KERAS_BACKEND="
+        f"{os.environ.get('KERAS_BACKEND')!r} selects {keras.backend.backend()!r} "
+        "(JAX and torch run the GPT-2 case in keras_backend_cases.py via test_keras_backends.py)",
+        allow_module_level=True,
+    )
 
 V, L, B, EPS = 50, 8, 4, 0.5
 SMALL = dict(num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16, max_sequence_length=L)

@@ -7,6 +7,7 @@ a numpy generator so that tests can rebuild the same model twice.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,13 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 if keras.backend.backend() != "tensorflow":  # pragma: no cover - depends on the environment
-    pytest.skip("the Keras adapter needs the TensorFlow backend", allow_module_level=True)
+    pytest.skip(
+        "the in-process Keras tests are written for the TensorFlow backend (several compute "
+        f"their references with TensorFlow); KERAS_BACKEND={os.environ.get('KERAS_BACKEND')!r} "
+        f"selects {keras.backend.backend()!r} here. The adapter on JAX and torch: "
+        "tests/test_keras_backends.py (one subprocess per backend)",
+        allow_module_level=True,
+    )
 
 VOCAB, DIM, CLASSES, LENGTH = 13, 4, 3, 5
 

@@ -385,20 +385,26 @@ def test_output_mode_batch_shape_change_raises():
 
 
 def test_matrix_mode_saves_only_touched_rows():
+    """Matrix mode copies the batch's rows (4 x 8 here), never the 1000 x 8 matrix, and
+    restores them by copying those rows back."""
     torch.manual_seed(0)
     model = MeanPool(vocab=1000)
     wrapped = advgraph.wrap(model, mode="matrix")
     x = torch.tensor([[1, 2, 2, 5], [5, 7, 1, 1]])
     y = torch.tensor([0, 1])
+    touched, untouched = [1, 2, 5, 7], [r for r in range(1000) if r not in (1, 2, 5, 7)]
+    before = model.emb.weight.detach().clone()
     F.cross_entropy(wrapped(x), y).backward()
     site = wrapped.__dict__["_advgraph"].site
     with wrapped.perturbed():
         assert site._saved.shape == (4, 8)  # rows 1, 2, 5, 7 only, not 1000 x 8
-        changed = (model.emb.weight != site._saved.new_zeros(()).add(0)).any(dim=1)
-        assert changed.any()
-    untouched = [r for r in range(1000) if r not in (1, 2, 5, 7)]
-    assert site._saved is None
-    assert untouched  # sanity
+        assert site._rows.tolist() == touched
+        assert torch.equal(site._saved, before[touched])  # the rows as they were, unperturbed
+        weight = model.emb.weight.detach()
+        assert (weight[touched] != before[touched]).any(dim=1).all()  # every touched row moved
+        assert torch.equal(weight[untouched], before[untouched])  # the rest never written
+    assert site._saved is None  # the copy is dropped once restored
+    assert torch.equal(model.emb.weight.detach(), before)  # restored bit for bit
 
 
 def test_matrix_mode_perturbs_exactly_the_touched_rows():

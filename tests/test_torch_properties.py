@@ -37,6 +37,15 @@ SETTINGS = settings(
 )
 
 
+def test_hypothesis_settings_are_derandomized():
+    """conftest's "advgraph" profile: the same draws on every run (see test_delta)."""
+    import os
+
+    if os.environ.get("HYPOTHESIS_PROFILE", "advgraph") != "advgraph":
+        pytest.skip(f"HYPOTHESIS_PROFILE={os.environ['HYPOTHESIS_PROFILE']} asks for random draws")
+    assert SETTINGS.derandomize and SETTINGS.database is None
+
+
 class Boom(Exception):
     pass
 
