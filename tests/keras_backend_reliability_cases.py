@@ -61,7 +61,7 @@ class Tap(keras.layers.Layer):
         return h
 
 
-def build(seed: int = 0) -> tuple[keras.Model, Tap]:
+def build(seed: int = 0, run_eagerly: bool = BACKEND == "tensorflow") -> tuple[keras.Model, Tap]:
     keras.utils.set_random_seed(seed)
     inp = keras.Input((L,), dtype="int32")
     tap = Tap(name="tap")
@@ -71,7 +71,7 @@ def build(seed: int = 0) -> tuple[keras.Model, Tap]:
     model.compile(
         optimizer=keras.optimizers.SGD(0.1),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        run_eagerly=BACKEND == "tensorflow",
+        run_eagerly=run_eagerly,
     )
     return model, tap
 
@@ -193,3 +193,120 @@ def test_matrix_mode_zero_gradient_sample_keeps_the_global_delta() -> None:
     expected = EPS * g_rows[ids] / np.linalg.norm(g_rows[ids])
     np.testing.assert_allclose(rows, expected, rtol=0, atol=1e-5)
     assert dict(wrapped.advgraph_stats)["skipped_zero"] == 0
+
+
+# -- KeyboardInterrupt inside the adversarial pass ---------------------------------------
+
+FAULT_CASES = [
+    ("output", "fgm", {}, 2),
+    ("matrix", "fgm", {}, 2),
+    ("output", "pgd", {"steps": 2}, 2),
+    ("output", "pgd", {"steps": 2}, 3),
+    ("matrix", "pgd", {"steps": 2}, 3),
+    ("output", "awp", {"target": "", "adv_lr": 0.5, "adv_eps": 0.5}, 2),
+]
+
+
+def _wrap_for_fault(model, mode: str, method: str, kwargs: dict):
+    if method == "awp":
+        return advgraph.wrap(model, method="awp", **kwargs)
+    return advgraph.wrap(model, mode=mode, method=method, epsilon=EPS, **kwargs)
+
+
+def _assert_usable(wrapped, model, tap: Tap, before: list[bytes], x, y) -> None:
+    """Disarmed, the same wrapped model trains on and evaluates."""
+    tap.armed_at = None
+    steps = dict(wrapped.advgraph_stats)["steps"]
+    history = wrapped.fit(x, y, batch_size=B, epochs=2, shuffle=False, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert dict(wrapped.advgraph_stats)["steps"] > steps
+    after = all_bytes(model)
+    assert after != before
+    assert all(np.isfinite(np.frombuffer(b, np.float32)).all() for b in after)
+    assert np.isfinite(wrapped.evaluate(x, y, verbose=0))
+
+
+# JAX: Keras' own fit() (keras/src/backend/jax/trainer.py) purges the model's
+# variables when it fetches the state at the first step of an epoch and writes them
+# back only from the state of a completed step: an exception inside the *first* step
+# of a fit() leaves the variables empty (plain Keras does the same, without
+# advgraph), so on JAX the interrupt comes in the second step.
+STEPS_BEFORE = (1,) if BACKEND == "jax" else (0, 1)
+
+
+@pytest.mark.parametrize("steps_before", STEPS_BEFORE)
+@pytest.mark.parametrize("mode, method, kwargs, k", FAULT_CASES, ids=[f"{m}-{me}-call{k}" for m, me, _, k in FAULT_CASES])
+def test_keyboard_interrupt_in_the_adversarial_pass_restores_every_weight(mode, method, kwargs, k, steps_before) -> None:
+    """fit() interrupted by KeyboardInterrupt in the k-th forward (k >= 2: an
+    adversarial forward, δ or the weight perturbation installed) of the step after
+    ``steps_before`` completed steps. The step runs eagerly here (TensorFlow and JAX
+    with run_eagerly=True; torch), so the interrupt comes at run time, in the middle
+    of a step whose earlier passes have run. Every weight must be byte-identical to an
+    identical model that ran only the completed steps."""
+    x, y = data()
+    half = B // 2
+    passes = 3 if method == "pgd" else 2  # forwards per step: fgm/awp 2, pgd(steps=2) 3
+    reference, _ = build(run_eagerly=BACKEND in ("tensorflow", "jax"))
+    reference = _wrap_for_fault(reference, mode, method, kwargs)
+    model, tap = build(run_eagerly=BACKEND in ("tensorflow", "jax"))
+    wrapped = _wrap_for_fault(model, mode, method, kwargs)
+    assert all_bytes(model) == all_bytes(reference)
+    if steps_before:
+        reference.fit(x[:half], y[:half], batch_size=half, shuffle=False, verbose=0)
+    expected = all_bytes(reference)
+    tap.calls, tap.armed_at = 0, steps_before * passes + k
+    with pytest.raises(KeyboardInterrupt, match="adversarial pass"):
+        wrapped.fit(x, y, batch_size=half if steps_before else B, shuffle=False, verbose=0)
+    assert tap.calls == steps_before * passes + k
+    assert all_bytes(model) == expected
+    _assert_usable(wrapped, model, tap, expected, x, y)
+
+
+if BACKEND == "tensorflow":
+
+    @pytest.mark.parametrize("mode, method, kwargs, k", FAULT_CASES, ids=[f"{m}-{me}-call{k}" for m, me, _, k in FAULT_CASES])
+    def test_tf_interrupt_inside_the_compiled_step_restores_every_weight(mode, method, kwargs, k) -> None:
+        """The compiled step (tf.function, run_eagerly=False): a KeyboardInterrupt in a
+        py_function that runs after the perturbed lookup of the k-th forward. TensorFlow
+        turns it into an op error (UnknownError); no Python ``finally`` runs inside the
+        graph, so whatever advgraph wrote must not outlive the failed step."""
+        import tensorflow as tf
+
+        class GraphBomb(keras.layers.Layer):
+            def __init__(self) -> None:
+                super().__init__()
+                self.calls, self.armed_at = 0, None
+
+            def _maybe(self, total):
+                self.calls += 1
+                if self.armed_at is not None and self.calls == self.armed_at:
+                    raise KeyboardInterrupt("interrupted inside the compiled adversarial pass")
+                return total
+
+            def call(self, h, training=None):
+                if training:
+                    done = tf.py_function(self._maybe, [tf.reduce_sum(h)], Tout=tf.float32)
+                    with tf.control_dependencies([done]):
+                        return tf.identity(h)
+                return h
+
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((L,), dtype="int32")
+        bomb = GraphBomb()
+        out = keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(bomb(keras.layers.Embedding(V, D, name="emb")(inp))))
+        model = keras.Model(inp, out)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=False,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x, y = data()
+        wrapped = _wrap_for_fault(model, mode, method, kwargs)
+        wrapped.fit(x, y, batch_size=B, verbose=0)
+        before = all_bytes(model)
+        bomb.calls, bomb.armed_at = 0, k
+        with pytest.raises((KeyboardInterrupt, tf.errors.UnknownError), match="interrupted inside"):
+            wrapped.fit(x, y, batch_size=B, verbose=0)
+        assert bomb.calls == k
+        assert all_bytes(model) == before
+        bomb.armed_at = None
+        history = wrapped.fit(x, y, batch_size=B, epochs=2, shuffle=False, verbose=0)
+        assert np.isfinite(history.history["loss"]).all()
+        assert all_bytes(model) != before
