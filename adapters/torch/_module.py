@@ -37,7 +37,7 @@ from advgraph._errors import AdvGraphWarning, received
 from advgraph.methods._plain import PLAIN as _PLAIN
 from advgraph.methods._plain import PlainStep
 
-from ._calls import RunnerCalls
+from ._calls import RunnerCalls, Teacher
 from ._deepspeed import backward_before_last, check_backward
 from ._fx import SITE_ATTR, TraceRejected, rewrite_lookup, scalar_attributes
 from ._site import MatrixSite, OutputSite, Stats
@@ -449,22 +449,63 @@ class AdversarialModule:
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             new.__dict__[key] = copy.deepcopy(value, memo)
+        # SMART's teacher: the copy's own values, and "an optimizer step happened since
+        # its last update" carried over (the copy's parameters have new version counters).
+        _state(new).teacher = _carry_teacher(self, _state(self).teacher, new)
         return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        # Pickle (torch.save of the whole module) an unwrapped copy plus the settings;
-        # loading wraps it again. The dynamic class itself is not importable.
+        # Pickle (torch.save of the whole module) an unwrapped copy plus the settings,
+        # the counters and SMART's teacher; loading wraps it again. The dynamic class
+        # itself is not importable.
         state = _state(self)
         plain = unwrap(copy.deepcopy(self))
         spec = state.spec if isinstance(state.spec, str) else state.target_path
-        return (_rewrap, (plain, spec, state.config, state.stats.as_dict()))
+        teacher = _teacher_payload(self, state.teacher)
+        return (_rewrap, (plain, spec, state.config, state.stats.as_dict(), teacher))
+
+
+def _teacher_stale(host: nn.Module, teacher: Teacher) -> bool:
+    """Whether a watched parameter was modified in place since the teacher's last update."""
+    versions = {n: p._version for n, p in host.named_parameters()}
+    return any(versions.get(n) != v for n, v in teacher.versions.items())
+
+
+_TeacherPayload = tuple[dict[str, Any], list[str], bool]  # values, watched names, stale
+
+
+def _teacher_payload(host: nn.Module, teacher: Teacher | None) -> _TeacherPayload | None:
+    if teacher is None or teacher.values is None:
+        return None
+    values = {n: v.detach().clone() for n, v in teacher.values.items()}
+    return values, list(teacher.versions), _teacher_stale(host, teacher)
+
+
+def _restore_teacher(host: nn.Module, payload: _TeacherPayload | None) -> Teacher | None:
+    if payload is None:
+        return None
+    values, watched, stale = payload
+    teacher = Teacher()
+    teacher.values = values
+    params = dict(host.named_parameters())
+    teacher.versions = {} if stale else {n: params[n]._version for n in watched if n in params}
+    return teacher
+
+
+def _carry_teacher(host: nn.Module, teacher: Teacher | None, new_host: nn.Module) -> Teacher | None:
+    return _restore_teacher(new_host, _teacher_payload(host, teacher))
 
 
 def _rewrap(
-    plain: nn.Module, target_path: str, config: AdversarialConfig, stats: dict[str, int]
+    plain: nn.Module,
+    target_path: str,
+    config: AdversarialConfig,
+    stats: dict[str, int],
+    teacher: _TeacherPayload | None = None,
 ) -> nn.Module:
     wrapped = _wrap(plain, target_path, config)
     wrapped.__dict__["_advgraph"].stats.__dict__.update(stats)
+    wrapped.__dict__["_advgraph"].teacher = _restore_teacher(wrapped, teacher)
     return wrapped
 
 

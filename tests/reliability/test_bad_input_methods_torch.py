@@ -119,16 +119,15 @@ def test_awp_nonfinite_and_zero_gradients_give_zero_delta_and_counts():
     original = site.set_delta
     site.set_delta = lambda d: (seen.append(d), original(d))
     before = param_bytes(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    # The promised warning (README: "a warning ... the same holds for AWP's gradient").
+    with pytest.warns(advgraph.AdvGraphWarning, match="(?i)nan or inf"):
         wrapped.adversarial_step(lambda: F.cross_entropy(wrapped(x), y) * float("inf"))
     assert wrapped.advgraph_stats["skipped_nonfinite"] == 2  # one per weight
     assert all(torch.count_nonzero(d) == 0 for d in seen[0])
     assert param_bytes(model) == before
     # A weight the loss reaches with a zero gradient: counted, not perturbed.
     seen.clear()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(advgraph.AdvGraphWarning, match="(?i)zero"):
         wrapped.adversarial_step(lambda: F.cross_entropy(wrapped(x), y) * 0.0)
     assert wrapped.advgraph_stats["skipped_zero"] == 2
     assert all(torch.count_nonzero(d) == 0 for d in seen[0])
