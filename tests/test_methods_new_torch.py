@@ -510,16 +510,6 @@ def test_pair_closure_contract(method):
     assert param_bytes(model) == before
 
 
-@pytest.mark.parametrize("method", ["gp", "r3f", "smart", "neftune", "awp"])
-def test_keras_models_get_a_clear_error_until_the_keras_sites_exist(method, monkeypatch):
-    import advgraph._wrap as wrap_module
-
-    monkeypatch.setattr(wrap_module, "_framework_of", lambda model: "keras")
-    monkeypatch.setattr(wrap_module, "_keras_has", lambda method: False)
-    with pytest.raises(ValueError, match="Keras adapter does not implement it yet"):
-        advgraph.wrap(object(), method=method)
-
-
 @pytest.mark.parametrize("mode", ["output", "matrix"])
 def test_smart_teacher_moves_once_per_optimizer_step_not_per_micro_batch(mode):
     beta = 0.5
