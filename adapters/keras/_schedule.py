@@ -78,7 +78,22 @@ def _make_train_function(self: keras.Model, force: bool = False) -> Any:
     build = type(self).make_train_function.__get__(self)
     build(force=True)
     adversarial = self.train_function
-    build(force=True)  # traced (JAX, TensorFlow) or run (torch) with state.plain_now set
+    # The plain function gets a train_step of its own: jax.jit caches traces by
+    # function, and the bound method is the same (or an equal) object both times.
+    own = self.__dict__.get("train_step")
+    bound = self.train_step
+
+    def plain_train_step(*args: Any, **kwargs: Any) -> Any:
+        return bound(*args, **kwargs)
+
+    object.__setattr__(self, "train_step", plain_train_step)
+    try:
+        build(force=True)  # traced (JAX, TensorFlow) or run (torch) with state.plain_now set
+    finally:
+        if own is None:
+            object.__delattr__(self, "train_step")
+        else:
+            object.__setattr__(self, "train_step", own)
     plain = self.train_function
     self.train_function = StartDispatch(self, state, adversarial, plain)
     return self.train_function
