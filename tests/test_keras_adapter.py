@@ -355,7 +355,7 @@ def test_stats_mapping_and_frozen_embedding_in_matrix_mode() -> None:
     assert model.get_layer("dense").kernel.numpy().tobytes() != W0
     stats = wrapped.advgraph_stats
     assert dict(stats) == {"steps": 3, "plain_steps": 0, "skipped_nonfinite": 0, "skipped_zero": 0}
-    assert list(stats) == ["steps", "skipped_nonfinite", "skipped_zero"] and len(stats) == 3
+    assert list(stats) == ["steps", "plain_steps", "skipped_nonfinite", "skipped_zero"] and len(stats) == 4
 
 
 # -- every method of the core runs on the Keras sites -----------------------------------------
