@@ -361,7 +361,7 @@ def test_jit_compile_true_trains_adversarially(mode: str) -> None:
     adv = advgraph.wrap(adv, mode=mode, epsilon=1.0)
     plain.fit(x, y, verbose=0, shuffle=False, epochs=2)
     adv.fit(x, y, verbose=0, shuffle=False, epochs=2)
-    assert dict(adv.advgraph_stats) == {"steps": 2, "skipped_nonfinite": 0, "skipped_zero": 0}
+    assert dict(adv.advgraph_stats) == {"steps": 2, "plain_steps": 0, "skipped_nonfinite": 0, "skipped_zero": 0}
     assert matrix_bytes(plain) != matrix_bytes(adv)
 
 
@@ -415,7 +415,7 @@ def test_new_methods_train_count_and_forward_once_or_twice(method: str, mode: st
     assert np.isfinite(history.history["loss"]).all()
     probe = 1 if BACKEND == "jax" else 0  # JAX: jax.eval_shape of the output's shape, no compute
     assert counter.calls == 2 * (FORWARDS[method] + probe)
-    assert dict(wrapped.advgraph_stats) == {"steps": 2 * COUNTED[method], "skipped_nonfinite": 0, "skipped_zero": 0}
+    assert dict(wrapped.advgraph_stats) == {"steps": 2 * COUNTED[method], "plain_steps": 0, "skipped_nonfinite": 0, "skipped_zero": 0}
     after = np.asarray(keras.ops.convert_to_numpy(emb_of(model).embeddings.value))
     assert after[V - 4 :].tobytes() == untouched.tobytes()
 
@@ -596,7 +596,7 @@ def test_awp_restores_every_weight_exactly_and_runs_two_forwards() -> None:
     wrapped.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
     assert counter.calls == 2 * 2
     assert _all_bytes(model) == before
-    assert dict(wrapped.advgraph_stats) == {"steps": 2, "skipped_nonfinite": 0, "skipped_zero": 0}
+    assert dict(wrapped.advgraph_stats) == {"steps": 2, "plain_steps": 0, "skipped_nonfinite": 0, "skipped_zero": 0}
 
 
 def test_awp_error_in_the_adversarial_pass_restores_the_weights() -> None:

@@ -200,7 +200,7 @@ def test_zero_gradient_gives_zero_delta_counted_and_weights_untouched() -> None:
     with pytest.warns(advgraph.AdvGraphWarning, match="was zero"):
         model.fit(x, y, sample_weight=np.zeros(6, np.float32), batch_size=3, verbose=0)
     assert snapshot(model) == before
-    assert dict(model.advgraph_stats) == {"steps": 2, "skipped_nonfinite": 0, "skipped_zero": 2}
+    assert dict(model.advgraph_stats) == {"steps": 2, "plain_steps": 0, "skipped_nonfinite": 0, "skipped_zero": 2}
 
 
 def test_nan_gradient_is_counted() -> None:
@@ -374,8 +374,8 @@ def test_stats_mapping_and_frozen_embedding_in_matrix_mode() -> None:
     assert embedding_of(model).embeddings.numpy().tobytes() == E0
     assert model.get_layer("dense").kernel.numpy().tobytes() != W0
     stats = wrapped.advgraph_stats
-    assert dict(stats) == {"steps": 3, "skipped_nonfinite": 0, "skipped_zero": 0}
-    assert list(stats) == ["steps", "skipped_nonfinite", "skipped_zero"] and len(stats) == 3
+    assert dict(stats) == {"steps": 3, "plain_steps": 0, "skipped_nonfinite": 0, "skipped_zero": 0}
+    assert list(stats) == ["steps", "plain_steps", "skipped_nonfinite", "skipped_zero"] and len(stats) == 4
 
 
 # -- every method of the core runs on the Keras sites -----------------------------------------

@@ -90,7 +90,7 @@ def test_mirrored_strategy_trains_like_one_device() -> None:
     for mode, runs in result.items():
         single, mirrored = runs["single"], runs["mirrored"]
         assert mirrored["mirrors_equal"], mode
-        assert single["stats"] == mirrored["stats"] == {"steps": 4, "skipped_nonfinite": 0, "skipped_zero": 0}
+        assert single["stats"] == mirrored["stats"] == {"steps": 4, "plain_steps": 0, "skipped_nonfinite": 0, "skipped_zero": 0}
         np.testing.assert_allclose(mirrored["loss"], single["loss"], rtol=1e-5, err_msg=mode)
         for a, b in zip(single["weights"], mirrored["weights"]):
             np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-6, err_msg=mode)

@@ -49,7 +49,7 @@ import keras
 from advgraph._config import AdversarialConfig
 from advgraph._errors import AdvGraphWarning, received
 
-from . import _private
+from . import _private, _schedule
 from ._hook import Perturbation, SiteHook, StatsBase, Teacher
 from ._routes import (
     is_call_wrapped,
@@ -68,7 +68,7 @@ SUPPORTED_METHODS = ("fgm", "fgsm", "pgd", "freelb", "vat", "gp", "r3f", "smart"
 
 # Instance attributes wrap() sets on the model it returns; unwrap() deletes them.
 _PUBLIC_ATTRS = ("advgraph_stats", "advgraph_route", "advgraph_target", "advgraph_config", "advgraph_method")
-_METHOD_ATTRS = ("train_step", "fit", "get_config")
+_METHOD_ATTRS = ("train_step", "fit", "get_config", "make_train_function")
 
 
 # Keras backend -> the module of its train step, sites and counters.
@@ -96,6 +96,8 @@ class _State:
     shared_matrix: bool = True  # mode='matrix': other layers may read the matrix (tied head)
     teacher: Teacher | None = None  # method='smart' with smart_mu > 0
     weights: list[Any] | None = None  # method='awp': the perturbed variables
+    own_step: bool = False  # advgraph.keras.prepare(): the model's own train_step calls advgraph
+    plain_now: bool = False  # the plain train function (before `start`) is traced / running
 
 
 def is_wrapped(model: Any) -> bool:
@@ -126,7 +128,7 @@ def _state(model: Any) -> _State:
 # -- checks ------------------------------------------------------------------------
 
 
-def _check_model(model: keras.Model) -> str:
+def _check_model(model: keras.Model, own_step: bool = False) -> str:
     backend = keras.backend.backend()
     if backend not in _BACKENDS:
         raise ValueError(
@@ -144,12 +146,14 @@ def _check_model(model: keras.Model) -> str:
             "loss=...) first; the adversarial train step uses its optimizer and loss. "
             f"{received(model=model.name, compiled=bool(getattr(model, 'compiled', False)))}"
         )
-    if type(model).train_step is not keras.Model.train_step:
+    if not own_step and type(model).train_step is not keras.Model.train_step:
         raise ValueError(
             "advgraph.wrap() replaces the model's train_step, but this model class defines "
             "its own train_step, which would be silently bypassed. Use the standard "
-            "train_step (override compute_loss instead), or call advgraph's methods from "
-            f"your train_step. {received(model_class=type(model).__qualname__)}"
+            "train_step (override compute_loss instead), or keep yours: set the model up "
+            "with advgraph.keras.prepare(model, ...) and call "
+            "advgraph.keras.adversarial_gradients(self, data) in your train_step. "
+            f"{received(model_class=type(model).__qualname__)}"
         )
     nnx = getattr(keras.config, "is_nnx_enabled", lambda: False)
     if backend == "jax" and nnx():
@@ -252,17 +256,23 @@ def _make_fit(model: keras.Model) -> Callable[..., Any]:
         state = model.__dict__.get("_advgraph")
         if state is None:
             return original_fit(*args, **kwargs)
-        _check_step_installed(model, state)
+        if not state.own_step:
+            _check_step_installed(model, state)
         before = state.stats.as_dict()
         updates = _updates(model)
         history = original_fit(*args, **kwargs)
         after = state.stats.as_dict()
-        if _updates(model) > updates and after["steps"] == before["steps"]:
-            raise RuntimeError(
-                "fit() updated the wrapped model without any adversarial step: its train "
-                "function does not run advgraph's train_step (was train_step, "
+        ran = [after[k] - before[k] for k in ("steps", "plain_steps")]
+        if _updates(model) > updates and not any(ran):
+            why = (
+                "its train_step never called advgraph.keras.adversarial_gradients(self, data)"
+                if state.own_step
+                else "its train function does not run advgraph's train_step (was train_step, "
                 "train_function or make_train_function replaced after advgraph.wrap()?). "
-                "Call advgraph.unwrap() and wrap() again. "
+                "Call advgraph.unwrap() and wrap() again"
+            )
+            raise RuntimeError(
+                f"fit() updated the wrapped model without any adversarial step: {why}. "
                 f"{received(optimizer_updates=_updates(model) - updates, adversarial_steps=0)}"
             )
         _warn_skipped(before, after)
@@ -382,8 +392,10 @@ def _make_teacher(host: keras.Model, config: AdversarialConfig, backend: str) ->
 def _attach(host: keras.Model, state: _State) -> None:
     setattr_ = object.__setattr__  # not tracked by Keras / tf.Module
     setattr_(host, "_advgraph", state)
-    state.step = _step_method(state.backend)
-    setattr_(host, "train_step", types.MethodType(state.step, host))
+    if not state.own_step:  # advgraph.keras.prepare(): the model's train_step stays
+        state.step = _step_method(state.backend)
+        setattr_(host, "train_step", types.MethodType(state.step, host))
+    _schedule.install(host, state)
     attach = getattr(_backend_module(state.backend), "attach", None)
     if attach is not None:
         attach(host, state.stats)
@@ -400,13 +412,16 @@ def _attach(host: keras.Model, state: _State) -> None:
     host.train_function = None  # fit() builds the train function from the new train_step
 
 
-def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Model:
+def wrap(model: keras.Model, target: Any, config: AdversarialConfig, own_step: bool = False) -> keras.Model:
     """Keras side of :func:`advgraph.wrap` (settings already validated).
 
     Args:
         model: a compiled ``keras.Model`` (Sequential, functional or subclassed).
         target: ``"embedding"``, a layer name / path, or the layer object.
         config: the validated settings.
+        own_step: keep the model's own ``train_step`` (``advgraph.keras.prepare``):
+            it calls ``advgraph.keras.adversarial_gradients``; the model object is
+            kept (mode='output' takes the call-wrap route).
 
     Returns:
         The model to train: the same object (mode='matrix', and the call-wrap route
@@ -425,10 +440,10 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
         1
         >>> model = advgraph.unwrap(model)
     """
-    backend = _check_model(model)
+    backend = _check_model(model, own_step)
     module = _backend_module(backend)
     if config.mode == "weights":
-        return _wrap_weights(model, target, config, backend)
+        return _wrap_weights(model, target, config, backend, own_step)
     path, layer = find_target(model, target)
     original: keras.Model | None = None
     perturbation: Perturbation | None = None
@@ -449,6 +464,9 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
         _check_not_shared(path, layer)
         undo = wrap_call(layer, hook, before=True)  # the ids, then the lookup's output
         host, route = model, "matrix"
+    elif own_step:  # the user's class and train_step: never a rewritten model
+        _check_not_shared(path, layer)
+        host, route, undo = model, "call-wrap", wrap_call(layer, hook)
     else:
         host, route, original, perturbation, undo = _install_output(model, path, layer, hook)
     stats = module.make_stats(host)
@@ -466,6 +484,7 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
         backend=backend,
         shared_matrix=shared_matrix,
         teacher=teacher,
+        own_step=own_step,
     )
     _attach(host, state)
     logger.info(
@@ -480,7 +499,9 @@ def wrap(model: keras.Model, target: Any, config: AdversarialConfig) -> keras.Mo
     return host
 
 
-def _wrap_weights(model: keras.Model, target: Any, config: AdversarialConfig, backend: str) -> keras.Model:
+def _wrap_weights(
+    model: keras.Model, target: Any, config: AdversarialConfig, backend: str, own_step: bool = False
+) -> keras.Model:
     """method='awp': the site is a set of variables (no hook; the same model object)."""
     path, weights = awp_variables(model, target)
     state = _State(
@@ -492,6 +513,7 @@ def _wrap_weights(model: keras.Model, target: Any, config: AdversarialConfig, ba
         hook=SiteHook(config.mode, path),
         backend=backend,
         weights=weights,
+        own_step=own_step,
     )
     _attach(model, state)
     logger.info("advgraph: wrapped %s: method=awp, %d weights under %r", type(model).__name__, len(weights), path)

@@ -26,6 +26,7 @@ __all__ = [
     "COUNT_ONCE",
     "run_method",
     "STAT_KEYS",
+    "ALL_STAT_KEYS",
     "Perturbation",
     "RecordOnce",
     "SiteHook",
@@ -37,7 +38,10 @@ __all__ = [
     "token_mask_of",
 ]
 
-STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")
+STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")  # kept on the device, in-graph
+# What ``advgraph_stats`` shows: ``plain_steps`` (steps before the method's ``start``)
+# is counted on the host, where fit() picks the plain train function (``_schedule``).
+ALL_STAT_KEYS = ("steps", "plain_steps", "skipped_nonfinite", "skipped_zero")
 # Methods that compute no delta from a gradient: each step counts once in ``steps``.
 COUNT_ONCE = ("gp", "r3f", "neftune")
 
@@ -55,9 +59,17 @@ def check_labels(method: Any, y: Any) -> None:
 
 
 def run_method(site: Any, closure: Any, config: Any) -> Any:
-    """Every pass of the method's step on ``site``; the clean loss."""
-    loss = config.settings.step(site, closure)
-    count_step(site, config.settings)
+    """Every pass of the method's step on ``site``; the clean loss.
+
+    ``config``: the wrapped model's settings, or the :class:`advgraph.Method` to run
+    (the method with its schedules evaluated at this step, or the plain step before
+    its ``start``: see ``_schedule.method_now``).
+    """
+    method = getattr(config, "settings", config)
+    loss = method.step(site, closure)
+    count_step(site, method)
+    if loss is None:  # a plain step of VAT on an unlabeled batch: nothing to backpropagate
+        loss = keras.ops.zeros((), "float32")
     return loss
 
 
@@ -117,30 +129,51 @@ def token_mask_of(site: Any, like: Any, cast: Any) -> Any:
 class StatsBase(Mapping):
     """Counters of one wrapped model, read on the host as ``model.advgraph_stats``.
 
-    ``steps``: adversarial deltas computed; ``skipped_nonfinite`` / ``skipped_zero``:
-    steps whose gradient at the site held NaN/inf or was zero (for some sample in
-    output mode), so delta was 0 there. The training step updates them on the
-    device, inside the compiled step; reading a key copies the value to the host.
-    Each backend stores them its own way (``_values``, ``reset``, ``record``).
+    ``steps``: adversarial deltas computed; ``plain_steps``: optimizer steps that ran
+    as one plain forward/backward because the method's ``start`` was not reached;
+    ``skipped_nonfinite`` / ``skipped_zero``: steps whose gradient at the site held
+    NaN/inf or was zero (for some sample in output mode), so delta was 0 there. The
+    training step updates ``steps`` and the skips on the device, inside the compiled
+    step (each backend stores them its own way: ``_values``, ``reset``, ``record``);
+    ``plain_steps`` is counted on the host. Reading a key copies the value to the host.
     """
+
+    _plain = 0  # plain_steps (host side; see _schedule)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        device_reset = cls.__dict__.get("reset")
+        if device_reset is not None:
+
+            def reset(self: "StatsBase") -> None:
+                self._plain = 0
+                device_reset(self)
+
+            reset.__doc__ = device_reset.__doc__
+            cls.reset = reset  # type: ignore[method-assign]
 
     def _values(self) -> list[int]:
         raise NotImplementedError
 
-    def __getitem__(self, key: str) -> int:
-        return self._values()[STAT_KEYS.index(key)]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(STAT_KEYS)
-
-    def __len__(self) -> int:
-        return len(STAT_KEYS)
-
-    def __repr__(self) -> str:
-        return f"advgraph_stats({dict(zip(STAT_KEYS, self._values()))})"
+    def add_plain(self, count: int) -> None:
+        """Count ``count`` plain steps (host side)."""
+        self._plain += int(count)
 
     def as_dict(self) -> dict[str, int]:
-        return dict(zip(STAT_KEYS, self._values()))
+        steps, nonfinite, zero = self._values()
+        return {"steps": steps, "plain_steps": self._plain, "skipped_nonfinite": nonfinite, "skipped_zero": zero}
+
+    def __getitem__(self, key: str) -> int:
+        return self.as_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(ALL_STAT_KEYS)
+
+    def __len__(self) -> int:
+        return len(ALL_STAT_KEYS)
+
+    def __repr__(self) -> str:
+        return f"advgraph_stats({self.as_dict()})"
 
     def reset(self) -> None:  # pragma: no cover - every backend overrides it
         raise NotImplementedError

@@ -41,8 +41,11 @@ from advgraph._ops import jax_keys
 
 from . import _private
 from ._hook import run_method, RecordOnce, StatsBase, check_labels, token_mask_of
+from ._schedule import method_now
 
-__all__ = ["Stats", "JaxSite", "WeightSite", "make_stats", "train_step", "attach", "detach"]
+__all__ = [
+    "Stats", "JaxSite", "WeightSite", "adversarial_gradients", "make_stats", "train_step", "attach", "detach",
+]
 
 
 class _Counters(keras.metrics.Metric):
@@ -77,7 +80,7 @@ class Stats(StatsBase):
     Example:
         >>> from advgraph.adapters.keras._jax import Stats
         >>> dict(Stats())
-        {'steps': 0, 'skipped_nonfinite': 0, 'skipped_zero': 0}
+        {'steps': 0, 'plain_steps': 0, 'skipped_nonfinite': 0, 'skipped_zero': 0}
     """
 
     def __init__(self) -> None:
@@ -587,8 +590,32 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
     the VAT loss); non-trainable states (BatchNormalization statistics, dropout
     seeds) advance in every pass, as each forward on the other backends updates them.
     """
-    trainable, non_trainable, optimizer_values, metrics_values = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    loss, grads, y_pred, (trainable, non_trainable, optimizer_values, metrics_values) = _passes(
+        self, state, x, y, sample_weight, adv
+    )
+    new_trainable, new_optimizer = self.optimizer.stateless_apply(
+        optimizer_values, grads, trainable
+    )
+    logs, new_metrics = _metric_update(self, metrics_values, loss, x, y, y_pred, sample_weight)
+    return logs, (new_trainable, non_trainable, new_optimizer, new_metrics)
+
+
+def adversarial_gradients(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any, list[Any], Any, Any]:
+    """``advgraph.keras.adversarial_gradients`` on JAX: every pass of the method,
+    functionally; ``(loss, grads, y_pred, state)``: ``grads`` in trainable-variable
+    order, ``state`` the train step's state with the non-trainable values and the
+    metrics' values (advgraph's counters and random key among them) of after the
+    passes; trainable and optimizer values are the ones given (nothing applied)."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    return _passes(self, state, x, y, sample_weight, adv)
+
+
+def _passes(
+    self: keras.Model, state: Any, x: Any, y: Any, sample_weight: Any, adv: Any
+) -> tuple[Any, list[Any], Any, tuple[Any, Any, Any, list[Any]]]:
+    """Every pass of the method: ``(loss, grads, y_pred, state after the passes)``."""
+    trainable, non_trainable, optimizer_values, metrics_values = state
     config = adv.config
     check_labels(config.settings, y)
     vat = config.settings.closure == "logits"
@@ -647,21 +674,16 @@ def train_step(self: keras.Model, state: Any, data: Any, adv: Any) -> tuple[Any,
         site.teacher_state = [metrics_values[i] for i in teacher_slots]
 
     with adv.hook.activate(site), jax_keys(site.next_key):
-        loss = run_method(site, closure, config)
+        loss = run_method(site, closure, method_now(self, adv, optimizer_values))
 
     first = site.records[0]
     grads = site.param_grads
     if grads is None:
         grads = [jnp.zeros_like(t) for t in trainable]
     grads = [jnp.zeros_like(t) if g is None else g for g, t in zip(grads, trainable)]
-    new_trainable, new_optimizer = self.optimizer.stateless_apply(
-        optimizer_values, grads, trainable
-    )
-    logs, new_metrics = _metric_update(
-        self, first.get("metrics", metrics_values), loss, x, y, first["y_pred"], sample_weight
-    )
+    new_metrics = list(first.get("metrics", metrics_values))
     new_metrics[counts_slot] = metrics_values[counts_slot] + site.counts
     new_metrics[key_slot] = jax.random.key_data(site.key)
     for i, value in zip(teacher_slots, site.teacher_state or []):
         new_metrics[i] = value
-    return logs, (new_trainable, site.non_trainable, new_optimizer, new_metrics)
+    return loss, grads, first["y_pred"], (trainable, site.non_trainable, optimizer_values, new_metrics)

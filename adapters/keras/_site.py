@@ -75,7 +75,7 @@ class Stats(StatsBase):
         >>> from advgraph.adapters.keras._site import Stats
         >>> stats = Stats(tf.distribute.get_strategy())
         >>> dict(stats)
-        {'steps': 0, 'skipped_nonfinite': 0, 'skipped_zero': 0}
+        {'steps': 0, 'plain_steps': 0, 'skipped_nonfinite': 0, 'skipped_zero': 0}
     """
 
     def __init__(self, strategy: Any) -> None:

@@ -17,9 +17,10 @@ import tensorflow as tf
 
 from . import _private
 from ._hook import run_method, check_labels
+from ._schedule import method_now
 from ._site import MatrixSite, OutputSite, Stats, WeightSite
 
-__all__ = ["make_stats", "train_step"]
+__all__ = ["adversarial_gradients", "make_stats", "train_step"]
 
 
 def make_stats(model: keras.Model) -> Stats:
@@ -46,8 +47,36 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
     ``LossScaleOptimizer`` unscales the summed gradients and skips non-finite
     ones); ``optimizer.apply_gradients`` runs once with the summed gradients.
     """
-    config = state.config
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    loss, site, predictions = _passes(self, x, y, sample_weight, state)
+    first = next(t for t in keras.tree.flatten(x) if t is not None)
+    _private.loss_tracker(self).update_state(
+        _unscale_for_distribution(loss), sample_weight=tf.shape(first)[0]
+    )
+    if site.variables:
+        grads = site.param_grads or [None] * len(site.variables)
+        self.optimizer.apply_gradients(zip(grads, site.variables))
+    else:
+        warnings.warn("The model does not have any trainable weights.", stacklevel=2)
+    if y is None:
+        return self.get_metrics_result()
+    return self.compute_metrics(x, y, predictions[0], sample_weight=sample_weight)
+
+
+def adversarial_gradients(self: keras.Model, data: Any, state: Any) -> tuple[Any, list[Any], Any]:
+    """``advgraph.keras.adversarial_gradients`` on TensorFlow: every pass of the
+    method (a GradientTape per pass), nothing applied; ``(loss, grads, y_pred)``,
+    ``grads`` in ``self.trainable_variables`` order (``None`` where a variable has
+    no gradient)."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    loss, site, predictions = _passes(self, x, y, sample_weight, state)
+    grads = site.param_grads or [None] * len(site.variables)
+    return loss, list(grads), predictions[0]
+
+
+def _passes(self: keras.Model, x: Any, y: Any, sample_weight: Any, state: Any) -> tuple[Any, Any, list[Any]]:
+    """Every pass of the method on a GradientTape site: ``(loss, site, predictions)``."""
+    config = state.config
     check_labels(config.settings, y)
     site: Any
     if config.mode == "matrix":
@@ -90,17 +119,5 @@ def train_step(self: keras.Model, data: Any, state: Any) -> dict[str, Any]:
         return out
 
     with state.hook.activate(site):
-        loss = run_method(site, closure, config)
-
-    first = next(t for t in keras.tree.flatten(x) if t is not None)
-    _private.loss_tracker(self).update_state(
-        _unscale_for_distribution(loss), sample_weight=tf.shape(first)[0]
-    )
-    if site.variables:
-        grads = site.param_grads or [None] * len(site.variables)
-        self.optimizer.apply_gradients(zip(grads, site.variables))
-    else:
-        warnings.warn("The model does not have any trainable weights.", stacklevel=2)
-    if y is None:
-        return self.get_metrics_result()
-    return self.compute_metrics(x, y, predictions[0], sample_weight=sample_weight)
+        loss = run_method(site, closure, method_now(self, state))
+    return loss, site, predictions

@@ -26,8 +26,9 @@ from advgraph._errors import received
 
 from . import _private
 from ._hook import run_method, RecordOnce, StatsBase, check_labels, token_mask_of
+from ._schedule import method_now
 
-__all__ = ["Stats", "TorchSite", "WeightSite", "make_stats", "train_step"]
+__all__ = ["Stats", "TorchSite", "WeightSite", "adversarial_gradients", "make_stats", "train_step"]
 
 
 class Stats(StatsBase):
@@ -36,7 +37,7 @@ class Stats(StatsBase):
     Example:
         >>> from advgraph.adapters.keras._torch import Stats
         >>> dict(Stats())
-        {'steps': 0, 'skipped_nonfinite': 0, 'skipped_zero': 0}
+        {'steps': 0, 'plain_steps': 0, 'skipped_nonfinite': 0, 'skipped_zero': 0}
     """
 
     def __init__(self) -> None:
@@ -412,8 +413,35 @@ def _detach(x: Any) -> Any:
 
 def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
     """The wrapped model's torch ``train_step``; metrics see the clean pass."""
-    config = adv.config
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    loss, site, predictions = _passes(self, x, y, sample_weight, adv)
+    first = next(t for t in keras.tree.flatten(x) if t is not None)
+    _private.loss_tracker(self).update_state(loss, sample_weight=first.shape[0])
+    if site.variables:
+        grads = site.param_grads or [None] * len(site.variables)
+        with torch.no_grad():
+            self.optimizer.apply(grads, site.variables)
+    else:
+        warnings.warn("The model does not have any trainable weights.", stacklevel=2)
+    if y is None:
+        return self.get_metrics_result()
+    return self.compute_metrics(x, y, predictions[0], sample_weight=sample_weight)
+
+
+def adversarial_gradients(self: keras.Model, data: Any, adv: Any) -> tuple[Any, list[Any], Any]:
+    """``advgraph.keras.adversarial_gradients`` on torch: every pass of the method
+    (``torch.autograd.grad`` per pass), nothing applied; ``(loss, grads, y_pred)``,
+    ``grads`` in ``self.trainable_variables`` order (``None`` where a variable has
+    no gradient). The weights are exactly as before when it returns."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    loss, site, predictions = _passes(self, x, y, sample_weight, adv)
+    grads = site.param_grads or [None] * len(site.variables)
+    return loss, list(grads), predictions[0]
+
+
+def _passes(self: keras.Model, x: Any, y: Any, sample_weight: Any, adv: Any) -> tuple[Any, Any, list[Any]]:
+    """Every pass of the method on a torch site: ``(loss, site, predictions)``."""
+    config = adv.config
     check_labels(config.settings, y)
     if config.mode == "weights":
         site = WeightSite(self, adv.stats, adv.weights)
@@ -444,16 +472,5 @@ def train_step(self: keras.Model, data: Any, adv: Any) -> dict[str, Any]:
         return out
 
     with adv.hook.activate(site):
-        loss = run_method(site, closure, config)
-
-    first = next(t for t in keras.tree.flatten(x) if t is not None)
-    _private.loss_tracker(self).update_state(loss, sample_weight=first.shape[0])
-    if site.variables:
-        grads = site.param_grads or [None] * len(site.variables)
-        with torch.no_grad():
-            self.optimizer.apply(grads, site.variables)
-    else:
-        warnings.warn("The model does not have any trainable weights.", stacklevel=2)
-    if y is None:
-        return self.get_metrics_result()
-    return self.compute_metrics(x, y, predictions[0], sample_weight=sample_weight)
+        loss = run_method(site, closure, method_now(self, adv))
+    return loss, site, predictions
