@@ -23,7 +23,6 @@ import keras
 from advgraph._errors import AdvGraphWarning
 
 __all__ = [
-    "COUNT_ONCE",
     "run_method",
     "STAT_KEYS",
     "Perturbation",
@@ -38,8 +37,6 @@ __all__ = [
 ]
 
 STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")
-# Methods that compute no delta from a gradient: each step counts once in ``steps``.
-COUNT_ONCE = ("gp", "r3f", "neftune")
 
 
 def check_labels(method: Any, y: Any) -> None:
@@ -55,21 +52,36 @@ def check_labels(method: Any, y: Any) -> None:
 
 
 def run_method(site: Any, closure: Any, config: Any) -> Any:
-    """Every pass of the method's step on ``site``; the clean loss."""
-    loss = config.settings.step(site, closure)
-    count_step(site, config.settings)
+    """Every pass of the method's step on ``site``; the clean loss.
+
+    A step that recorded no delta computation (``site.record``) counts once in
+    ``steps``: gp, r3f, neftune and a user's method alike (decided by what the step
+    did, never by the method's name)."""
+    recorded: list[Any] = []
+    record = site.record
+
+    def counting(result: Any) -> None:
+        recorded.append(result)
+        record(result)
+
+    site.record = counting  # an instance attribute over the class's method
+    try:
+        loss = config.settings.step(site, closure)
+    finally:
+        del site.record
+    count_step(site, config.settings, recorded=bool(recorded))
     return loss
 
 
-def count_step(site: Any, method: Any) -> None:
-    """Count a step of a method whose passes record nothing (``steps`` += 1); a
-    weight site: one count for the step's weights together (see :class:`RecordOnce`)."""
-    if method.name in COUNT_ONCE:
+def count_step(site: Any, method: Any, *, recorded: bool = True) -> None:
+    """Count a step whose passes recorded nothing (``steps`` += 1); a weight site:
+    one count for the step's weights together (see :class:`RecordOnce`)."""
+    if method.site == "weights":
+        site.flush_records()
+    elif not recorded:
         from advgraph._delta import DeltaResult
 
         site.record(DeltaResult(None, False, False))
-    elif method.site == "weights":
-        site.flush_records()
 
 
 class RecordOnce:
