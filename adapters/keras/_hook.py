@@ -23,7 +23,6 @@ import keras
 from advgraph._errors import AdvGraphWarning
 
 __all__ = [
-    "COUNT_ONCE",
     "run_method",
     "STAT_KEYS",
     "ALL_STAT_KEYS",
@@ -42,8 +41,6 @@ STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")  # kept on the device
 # What ``advgraph_stats`` shows: ``plain_steps`` (steps before the method's ``start``)
 # is counted on the host, where fit() picks the plain train function (``_schedule``).
 ALL_STAT_KEYS = ("steps", "plain_steps", "skipped_nonfinite", "skipped_zero")
-# Methods that compute no delta from a gradient: each step counts once in ``steps``.
-COUNT_ONCE = ("gp", "r3f", "neftune")
 
 
 def check_labels(method: Any, y: Any) -> None:
@@ -63,25 +60,38 @@ def run_method(site: Any, closure: Any, config: Any) -> Any:
 
     ``config``: the wrapped model's settings, or the :class:`advgraph.Method` to run
     (the method with its schedules evaluated at this step, or the plain step before
-    its ``start``: see ``_schedule.method_now``).
+    its ``start``: see ``_schedule.method_now``). A step that recorded no delta
+    computation (``site.record``) counts once in ``steps``: gp, r3f, neftune and a
+    user's method alike (decided by what the step did, never by the method's name).
     """
     method = getattr(config, "settings", config)
-    loss = method.step(site, closure)
-    count_step(site, method)
+    recorded: list[Any] = []
+    record = site.record
+
+    def counting(result: Any) -> None:
+        recorded.append(result)
+        record(result)
+
+    site.record = counting  # an instance attribute over the class's method
+    try:
+        loss = method.step(site, closure)
+    finally:
+        del site.record
+    count_step(site, method, recorded=bool(recorded))
     if loss is None:  # a plain step of VAT on an unlabeled batch: nothing to backpropagate
         loss = keras.ops.zeros((), "float32")
     return loss
 
 
-def count_step(site: Any, method: Any) -> None:
-    """Count a step of a method whose passes record nothing (``steps`` += 1); a
-    weight site: one count for the step's weights together (see :class:`RecordOnce`)."""
-    if method.name in COUNT_ONCE:
+def count_step(site: Any, method: Any, *, recorded: bool = True) -> None:
+    """Count a step whose passes recorded nothing (``steps`` += 1); a weight site:
+    one count for the step's weights together (see :class:`RecordOnce`)."""
+    if method.site == "weights":
+        site.flush_records()
+    elif not recorded:
         from advgraph._delta import DeltaResult
 
         site.record(DeltaResult(None, False, False))
-    elif method.site == "weights":
-        site.flush_records()
 
 
 class RecordOnce:

@@ -175,6 +175,7 @@ class JaxSite:
         self.records: list[dict[str, Any]] = []  # what each pass's closure reported
         self.delta: Any = None
         self._grad: Any = None
+        self._values: Any = None  # site_values(): output mode, the last pass keeping a gradient
         self._layout: tuple[Any, Any, Any] | None = None
         self._pass: dict[str, Any] | None = None  # scratch of the pass being traced
         self._probe = probe
@@ -228,6 +229,8 @@ class JaxSite:
             _, seg, valid = self._layout
             rows = jnp.where(valid[:, None], self.delta, 0).astype(x.dtype)
             x = x + jnp.reshape(jnp.take(rows, seg, axis=0), x.shape)  # (E + delta)[ids]
+        if self.mode == "output":  # site_values(): the output without delta
+            scratch["report"]["site_values"] = x
         x = x + scratch["z"].astype(x.dtype)
         if self.mode == "output":
             if callable(self.delta):  # a random start: shaped like the output
@@ -347,6 +350,7 @@ class JaxSite:
             return None
         if keep_grad:
             self._grad = self._to_site(grads[1])
+            self._values = report.get("site_values")
         if param_grads:
             new = grads[0]
             if self.param_grads is None:
@@ -495,7 +499,15 @@ class JaxSite:
         return token_mask_of(self, like, lambda m: jnp.asarray(m, like.dtype)[..., None])
 
     def site_values(self) -> Any:
-        raise NotImplementedError("site_values() belongs to a site made of weights (awp).")
+        """mode='output': the target's output (without delta) in the last pass that kept
+        a gradient."""
+        if self._values is None:
+            raise NotImplementedError(
+                "site_values() is the target's output in mode='output' (and the weights of "
+                "a weight site); in mode='matrix', or before a forward_backward() that kept "
+                f"a gradient, there is none. {received(mode=self.mode)}"
+            )
+        return jax.lax.stop_gradient(self._values)
 
 
 class WeightSite(RecordOnce, JaxSite):

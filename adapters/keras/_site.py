@@ -325,7 +325,10 @@ class _KerasSite:
         return token_mask_of(self, like, lambda m: tf.cast(m, like.dtype)[..., None])
 
     def site_values(self) -> Any:
-        raise NotImplementedError("site_values() belongs to a site made of weights (awp).")
+        raise NotImplementedError(
+            "site_values() is the target's output in mode='output' (and the weights of a "
+            f"weight site); mode='matrix' has none. {received(mode=self.mode)}"
+        )
 
 
 class OutputSite(_KerasSite):
@@ -337,6 +340,7 @@ class OutputSite(_KerasSite):
         super().__init__(model, stats)
         self.delta: Any = None
         self._captured: list[Any] = []
+        self._values: Any = None  # site_values()
 
     def _begin_pass(self, tape: tf.GradientTape) -> None:
         self._captured = []
@@ -381,12 +385,25 @@ class OutputSite(_KerasSite):
         if grad is None:  # the loss does not depend on the embedding: delta = 0
             grad = tf.zeros_like(self._captured[0])
         self._grad = tf.convert_to_tensor(grad)
+        self._values = self._captured[0]
+
+    def site_values(self) -> Any:
+        """The target's output (without delta) in the last pass that kept a gradient."""
+        if self._values is None:
+            raise RuntimeError(
+                "No values at the perturbation site: site_values() reads the target's output "
+                "of the last forward_backward() that kept a gradient, before any set_delta() "
+                f"or clear(). {received(recorded_values=0)}"
+            )
+        return tf.stop_gradient(self._values)
 
     def set_delta(self, delta: Any) -> None:
         self.delta = delta
+        self._values = None
 
     def clear(self) -> None:
         self.delta = None
+        self._values = None
 
 
 class MatrixSite(_KerasSite):

@@ -90,6 +90,7 @@ class TorchSite:
         self.param_grads: list[Any] | None = None
         self.delta: Any = None
         self._grad: Any = None
+        self._values: Any = None  # site_values(): output mode
         self._pass: list[Any] | None = None  # target outputs captured in this pass
         self._rows: tuple[Any, Any] | None = None  # matrix: (uids, seg)
         self._saved: Any = None  # matrix: rows saved before the installed delta
@@ -186,6 +187,8 @@ class TorchSite:
             grads = ()
         if keep_grad:
             self._grad = self._to_site(grads[0], captured[0])
+            if self.mode == "output":  # site_values(): the output without delta
+                self._values = captured[0].detach()
         if param_grads:
             new = list(grads[len(sources) :])
             if self.param_grads is None:
@@ -218,6 +221,7 @@ class TorchSite:
         return grad
 
     def set_delta(self, delta: Any) -> None:
+        self._values = None
         if self.mode == "output" or callable(delta):
             self._restore()
             self.delta = delta
@@ -231,6 +235,7 @@ class TorchSite:
 
     def clear(self) -> None:
         self.delta = None
+        self._values = None
         self._restore()
 
     def record(self, result: DeltaResult) -> None:
@@ -320,7 +325,15 @@ class TorchSite:
         return token_mask_of(self, like, lambda m: m.to(like.dtype).unsqueeze(-1))
 
     def site_values(self) -> Any:
-        raise NotImplementedError("site_values() belongs to a site made of weights (awp).")
+        """mode='output': the target's output (without delta) in the last pass that kept
+        a gradient, until a delta is installed or removed."""
+        if self._values is None:
+            raise NotImplementedError(
+                "site_values() is the target's output in mode='output' (and the weights of "
+                "a weight site); in mode='matrix', or before a forward_backward() that kept "
+                f"a gradient, there is none. {received(mode=self.mode)}"
+            )
+        return self._values
 
 
 class WeightSite(RecordOnce, TorchSite):

@@ -271,6 +271,7 @@ class _Site(SiteCalls):
         state["_outputs"] = []
         state["_grad_parts"] = []
         state["_grad_keys"] = set()
+        state["_values"] = []
         state["backward"] = None
         state.pop("anchor", None)
         state.pop("key", None)
@@ -315,6 +316,11 @@ class OutputSite(_Site):
         super().__init__(stats)
         self.delta: Any = None  # a tensor, a tuple of tensors, a function, or None
         self._made: list[torch.Tensor] = []  # deltas a function gave, one per call
+        # site_values(): each call's output (without delta) in the latest site pass
+        # (forward_backward) that kept a gradient; dropped when a delta is installed
+        # or removed, so nothing O(batch) stays alive through the passes after it.
+        self._values: list[torch.Tensor] = []
+        self._values_pass = -1
 
     def _delta_for(self, call: int, x: torch.Tensor) -> torch.Tensor | None:
         delta = self.delta
@@ -333,6 +339,10 @@ class OutputSite(_Site):
     def on_output(self, x: torch.Tensor) -> torch.Tensor:
         """Called by the perturbation node / hook with one call's embedding output."""
         call = self._next_call()
+        if self._keep_outputs and self.capturing and not torch.compiler.is_compiling():
+            if self._values_pass != self._pass:
+                self._values, self._values_pass = [], self._pass
+            self._values.append(x.detach())
         delta = self._delta_for(call, x)
         if delta is not None:
             _check_shape(delta, x, call)
@@ -358,7 +368,21 @@ class OutputSite(_Site):
             return parts[0][1]
         return tuple(grad for _, grad in parts)
 
+    def site_values(self) -> Any:
+        """The embedding's output (without delta) of each call in the latest pass that
+        kept a gradient: the structure :meth:`site_grad` gives."""
+        if not self._values:
+            raise RuntimeError(
+                "No values at the perturbation site: site_values() reads the embedding's "
+                "output of the last forward_backward() that kept a gradient, before any "
+                "set_delta() or clear() (not available inside torch.compile). "
+                f"{received(recorded_values=0)}"
+            )
+        values = self._values
+        return values[0] if len(values) == 1 else tuple(values)
+
     def set_delta(self, delta: Any) -> None:
+        self._values = []
         if callable(delta):
             self.delta = delta
             self._made = []
@@ -372,6 +396,7 @@ class OutputSite(_Site):
     def clear(self) -> None:
         self.delta = None
         self._made = []
+        self._values = []
         self.active = False
         self._fresh = True
 

@@ -18,8 +18,11 @@ Why each call exists:
   parameters restored bit for bit (copied back, never subtracted).
 * ``record`` -- count skipped (zero / non-finite) gradients, so a method that
   computes its own delta reports what it skipped like the built-in ones.
-* ``site_values`` -- the current values at the site (for a delta relative to the
-  values, such as AWP's ``||w||``).
+* ``site_values`` -- the values at the site (for a delta relative to them: AWP's
+  ``||w||``, or a user's FGM with ``delta_b = eps * ||e_b|| * g_b / ||g_b||``): the
+  weights of a weight site; in ``mode="output"`` the target's output, without
+  delta, of the last pass that kept a gradient (every adapter: PyTorch and Keras on
+  TensorFlow, JAX and torch). Matrix sites have none.
 * ``penalty_backward`` -- a forward, then a backward of ``loss + penalty(g)`` with
   ``g`` differentiable (a double backward): a penalty on the gradient cannot be
   built from passes that each end in a backward.
@@ -125,7 +128,13 @@ class Site(Protocol):
         """Count the rows a :class:`advgraph.DeltaResult` skipped (zero / non-finite)."""
 
     def site_values(self) -> Array:
-        """The current values at the site (the tree :meth:`site_grad` gives)."""
+        """The values at the site, in the structure :meth:`site_grad` gives.
+
+        A weight site: the weights' current values. ``mode="output"``: the target's
+        output (without delta) of each call in the last :meth:`forward_backward` that
+        kept a gradient, until the next :meth:`set_delta` or :meth:`clear` (nothing
+        O(batch) is held through the passes after it). ``mode="matrix"``: not
+        available (``NotImplementedError``)."""
 
     def penalty_backward(self, closure: Closure, penalty: Callable[[Array], Array]) -> Any:
         """One pass: a forward, then a backward of ``loss + penalty(g)`` into the
