@@ -60,6 +60,22 @@ def _detach(tree: Any) -> Any:
     return tree
 
 
+def _eager() -> Any:
+    """Compiled code runs eagerly within (torch.compiler.set_stance, torch >= 2.6).
+
+    gp's pass needs a double backward through the forward; a ``torch.compile``d
+    forward's backward (AOTAutograd) is not differentiable, and the gradient the
+    site's custom op hands over is a constant there: the penalty would silently add
+    nothing to the parameter gradients. That pass therefore runs the model eagerly.
+    """
+    import contextlib
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
+
+
 def _math_attention() -> Any:
     """scaled_dot_product_attention on its math kernel (differentiable twice)."""
     import contextlib
@@ -102,7 +118,7 @@ class SiteCalls:
         self.capturing = True
         try:
             # The fused attention kernels have no double backward; the math one has.
-            with _math_attention():
+            with _math_attention(), _eager():
                 loss = check_loss(closure())
             outputs = self._outputs  # type: ignore[attr-defined]
             if not outputs:
