@@ -17,6 +17,7 @@ Numerics:
 from __future__ import annotations
 
 import numbers
+import sys
 
 from typing import Any, NamedTuple
 
@@ -65,6 +66,11 @@ def _axes(ndim: int, per_sample: bool) -> tuple[int, ...]:
     return tuple(range(1, ndim)) if per_sample else tuple(range(ndim))
 
 
+def _torch_compiling() -> bool:
+    compiler = getattr(sys.modules.get("torch"), "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
 def _finite_part(ops: Ops, x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Array]:
     """``(clean, finite, peak)``: ``x`` with NaN/inf entries set to 0, per reduction
     whether ``x`` was all finite, and ``max |clean|`` per reduction.
@@ -74,9 +80,10 @@ def _finite_part(ops: Ops, x: Array, axes: tuple[int, ...]) -> tuple[Array, Arra
     torch first check the peak, which they need anyway and which is finite only when
     every entry is (NaN propagates through their max): the masking, a few passes over
     the whole array, then runs only when something is non-finite. TensorFlow (graph
-    mode, XLA) always takes the branch-free path.
+    mode, XLA) and torch inside ``torch.compile`` (a data-dependent branch would
+    break the graph) always take the branch-free path.
     """
-    if ops.name in ("numpy", "torch"):
+    if ops.name == "numpy" or (ops.name == "torch" and not _torch_compiling()):
         peak = ops.amax(ops.abs(x), axes)
         if bool(ops.isfinite(ops.amax(peak, tuple(range(ops.ndim(peak)))))):
             return x, ops.isfinite(peak), peak

@@ -8,6 +8,7 @@ and writes what it measured to ``<out>/rank<r>.json``; the test reads both files
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -329,6 +330,135 @@ def lightning_ddp() -> dict:
     }
 
 
+# --------------------------------------------------------------------------- every method
+
+# One entry per method that is deterministic given its random draws: under DDP each rank
+# must give the single process's update on the concatenated batch (output mode: one
+# delta per sample). float64 so that only summation order differs between the two sides.
+EVERY_METHOD = {
+    "fgm": {"epsilon": 0.5},
+    "fgsm": {"method": "fgsm", "epsilon": 0.05},
+    "pgd": {"method": "pgd", "steps": 2, "epsilon": 0.5, "random_init": True},
+    "freelb": {"method": "freelb", "steps": 2},  # random start (the default)
+    "vat": {"method": "vat"},
+    "gp": {"method": "gp", "epsilon": 0.5},
+    "r3f": {"method": "r3f"},
+    "smart": {"method": "smart", "alpha": 1e-2, "noise_eps": 1e-3},
+    "neftune": {"method": "neftune", "neftune_alpha": 5.0},
+}
+
+
+@contextlib.contextmanager
+def shared_noise(parts: int, index: int):
+    """Every random draw of advgraph's core on a torch array, drawn for the whole batch.
+
+    A draw shaped ``(b, ...)`` takes ``(parts * b, ...)`` values from one generator,
+    seeded the same on every side, and keeps rows ``index * b ...``: rank r of W ranks
+    (``parts=W, index=r``) gets exactly the rows the single process (``parts=1``)
+    draws for its samples. (All draws of the output-mode methods are batch-first.)
+    """
+    from advgraph import _ops
+
+    gen = torch.Generator().manual_seed(2024)
+    cls = _ops._ArrayApiOps
+    saved = cls.uniform_like, cls.normal_like
+
+    def rows(x, fill):
+        if x.ndim == 0:  # pragma: no cover - every draw here has a batch axis
+            raise AssertionError("a draw without a batch axis")
+        b = x.shape[0]
+        full = torch.empty((parts * b, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        fill(full)
+        return full[index * b : (index + 1) * b]
+
+    def uniform_like(self, x, low, high, rng=None):
+        if self.name != "torch" or rng is not None:
+            return saved[0](self, x, low, high, rng)
+        return rows(self.widen(x), lambda t: t.uniform_(low, high, generator=gen))
+
+    def normal_like(self, x, rng=None):
+        if self.name != "torch" or rng is not None:
+            return saved[1](self, x, rng)
+        return rows(self.widen(x), lambda t: t.normal_(generator=gen))
+
+    cls.uniform_like, cls.normal_like = uniform_like, normal_like
+    try:
+        yield
+    finally:
+        cls.uniform_like, cls.normal_like = saved
+
+
+def method_closure(kind: str, forward, x, y):
+    def closure():
+        logits = forward(x)
+        if kind == "logits":
+            return logits
+        loss = F.cross_entropy(logits, y)
+        return (loss, logits) if kind == "loss_and_logits" else loss
+
+    return closure
+
+
+def train_every_method(wrap_kwargs: dict, order: str | None) -> tuple[dict[str, torch.Tensor], int]:
+    """STEPS steps in float64; order None: one process on the global batch."""
+    model = make_net().double()
+    wrapped = advgraph.wrap(model, mode="output", **wrap_kwargs)
+    kind = wrapped.advgraph_method.closure
+    if order is None:
+        forward, stepper, owner, parts, index = wrapped, wrapped, wrapped, 1, 0
+    elif order == "wrap(DDP(model))":
+        ddp = DDP(make_net().double())
+        wrapped = advgraph.wrap(ddp, mode="output", **wrap_kwargs)
+        forward, stepper, owner = wrapped, wrapped, ddp
+        parts, index = dist.get_world_size(), dist.get_rank()
+    else:
+        ddp = DDP(wrapped)
+        forward, stepper, owner = ddp, wrapped, ddp
+        parts, index = dist.get_world_size(), dist.get_rank()
+    counter = {"calls": 0}
+    if order is not None:
+        owner.register_comm_hook(counter, counting_hook)
+    opt = torch.optim.SGD(owner.parameters(), lr=LR)
+    with shared_noise(parts, index):
+        for batch in global_batches():
+            x, y = local(batch) if order is not None else batch
+            opt.zero_grad()
+            stepper.adversarial_step(method_closure(kind, forward, x, y))
+            opt.step()
+    assert stepper.advgraph_stats["steps"] == STEPS
+    return full_params(owner), counter["calls"]
+
+
+SINGLE: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def single_process_every_method() -> None:
+    """The references, computed before torch.distributed is initialized: one process."""
+    assert not dist.is_initialized()
+    for name, wrap_kwargs in EVERY_METHOD.items():
+        SINGLE[name] = train_every_method(wrap_kwargs, None)[0]
+
+
+def ddp_every_method() -> dict:
+    """Every deterministic method, both DDP orders, against one process (float64)."""
+    out = {}
+    orders = ("DDP(wrap(model))", "wrap(DDP(model))")
+    for i, (name, wrap_kwargs) in enumerate(EVERY_METHOD.items()):
+        order = orders[i % 2]
+        try:
+            params, calls = train_every_method(wrap_kwargs, order)
+            single = SINGLE[name]
+            out[name] = {
+                "order": order,
+                "allreduce_calls": calls,
+                "digest": digest(params),
+                "diff_vs_single": max_diff(params, single),
+            }
+        except Exception:
+            out[name] = {"exception": traceback.format_exc()}
+    return out
+
+
 SCENARIOS = {
     "lightning_ddp": lightning_ddp,
     "ddp_a_fgm": lambda: ddp_run("wrap(DDP(model))", {"mode": "output", "epsilon": 0.5}),
@@ -347,6 +477,7 @@ SCENARIOS = {
     "ddp_b_awp": lambda: ddp_run("DDP(wrap(model))", {"method": "awp", "target": "", "adv_lr": 0.05}),
     "ddp_b_neftune": lambda: ddp_run("DDP(wrap(model))", {"method": "neftune"}),
     "ddp_hand_written": ddp_hand_written_loop,
+    "ddp_every_method": ddp_every_method,
     "ddp_gradient_accumulation": ddp_gradient_accumulation,
     "fsdp1_wrap_then_shard": lambda: fsdp_run("fsdp1", "wrap-then-shard"),
     "fsdp1_shard_then_wrap": lambda: fsdp_run("fsdp1", "shard-then-wrap"),
@@ -363,6 +494,8 @@ def main() -> None:
     only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(SCENARIOS)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
+    if "ddp_every_method" in only:
+        single_process_every_method()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {}

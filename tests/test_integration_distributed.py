@@ -100,6 +100,29 @@ def test_ddp_local_delta_methods_one_all_reduce_per_step_and_identical_ranks(ran
     assert r["digests"][0] == r["digests"][1]
 
 
+EVERY_METHOD = ["fgm", "fgsm", "pgd", "freelb", "vat", "gp", "r3f", "smart", "neftune"]
+# float64 on both sides: the only difference left is the order of summation (a local
+# mean of 4 samples, then DDP's average of 2, against one mean of 8), ~1e-16 relative
+# per operation on parameters of size ~1; 1e-12 leaves four orders of margin over the
+# ~1e-16 measured, and is far below what a wrong scale gives (gp unscaled: 4e-4; smart
+# with the rank's own gradient scale in its ascent step: 4e-8).
+EVERY_METHOD_TOLERANCE = 1e-12
+
+
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_ddp_every_deterministic_method_matches_single_process(ranks, method):
+    # Random draws (pgd's and freelb's starts, vat's direction, r3f/smart/neftune noise)
+    # are taken for the global batch from one seeded generator and sliced per rank
+    # (shared_noise in the worker), so both sides see the same noise per sample.
+    per_rank = [r["ddp_every_method"][method] for r in ranks]
+    for r in per_rank:
+        assert "exception" not in r, r["exception"]
+    r = per_rank[0]
+    assert r["allreduce_calls"] == 3  # one all-reduce per step, also gp's double backward
+    assert per_rank[0]["digest"] == per_rank[1]["digest"]
+    assert r["diff_vs_single"] < EVERY_METHOD_TOLERANCE, r
+
+
 def test_ddp_both_orders_give_the_same_parameters(ranks):
     assert result(ranks, "ddp_a_fgm")["digests"][0] == result(ranks, "ddp_b_fgm")["digests"][0]
 

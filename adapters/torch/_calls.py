@@ -17,7 +17,35 @@ from advgraph._errors import received
 
 from ._checks import check_loss
 
-__all__ = ["SiteCalls", "RunnerCalls", "Teacher"]
+__all__ = ["SiteCalls", "RunnerCalls", "Teacher", "data_parallel_size", "global_share"]
+
+
+def data_parallel_size() -> int:
+    """W, the number of ranks whose gradients are averaged; 1 outside torch.distributed.
+
+    The world size of the default process group when ``torch.distributed`` is
+    initialized: data parallelism over every rank with averaged gradients, which is
+    what DDP, FSDP, DeepSpeed, Lightning's and accelerate's strategies do.
+    """
+    dist = getattr(torch, "distributed", None)
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return int(dist.get_world_size())
+
+
+def global_share(grad: Any, world: int) -> Any:
+    """``grad / W`` per array: a rank's gradient of its local mean loss, as a share of
+    the gradient one process computes on the concatenated batch.
+
+    With a mean-reduced loss, ``L = (1/W) sum_r L_r`` (equal local batches), so the
+    single-process gradient at rank r's samples (output mode) is ``(1/W) dL_r/de``;
+    in matrix mode the single-process row gradient is ``sum_r (1/W) dL_r/dE``.
+    """
+    if world == 1:
+        return grad
+    if isinstance(grad, tuple):
+        return tuple(global_share(g, world) for g in grad)
+    return grad / world
 
 
 def _detach(tree: Any) -> Any:
@@ -30,6 +58,22 @@ def _detach(tree: Any) -> Any:
     if isinstance(tree, dict):
         return type(tree)((k, _detach(v)) for k, v in tree.items())
     return tree
+
+
+def _eager() -> Any:
+    """Compiled code runs eagerly within (torch.compiler.set_stance, torch >= 2.6).
+
+    gp's pass needs a double backward through the forward; a ``torch.compile``d
+    forward's backward (AOTAutograd) is not differentiable, and the gradient the
+    site's custom op hands over is a constant there: the penalty would silently add
+    nothing to the parameter gradients. That pass therefore runs the model eagerly.
+    """
+    import contextlib
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
 
 
 def _math_attention() -> Any:
@@ -74,7 +118,7 @@ class SiteCalls:
         self.capturing = True
         try:
             # The fused attention kernels have no double backward; the math one has.
-            with _math_attention():
+            with _math_attention(), _eager():
                 loss = check_loss(closure())
             outputs = self._outputs  # type: ignore[attr-defined]
             if not outputs:
@@ -86,8 +130,15 @@ class SiteCalls:
             self._grad_parts, self._grad_keys, self._grad_pass = [], set(), -1
             # The hooks at the site record the differentiable gradient (create_graph).
             torch.autograd.grad(loss, outputs, create_graph=True, allow_unused=True)
+            # site_grad() is this rank's share of the global-batch gradient (g_r / W, see
+            # global_share). The gradients of the W ranks are averaged, so a penalty
+            # summed over samples counts W times here to give one process's
+            # ``eps/2 * sum_i ||g_i||^2`` on the concatenated batch: for gp that is
+            # W * ||g_r / W||^2 = ||g_r||^2 / W on each rank (mean-reduced loss assumed).
             grad = self.site_grad()  # type: ignore[attr-defined]
-            total = loss + _scalar(penalty(grad), "the penalty").to(loss.dtype)
+            world = data_parallel_size()
+            value = _scalar(penalty(grad), "the penalty")
+            total = loss + (value * world if world > 1 else value).to(loss.dtype)
             del grad
             self._run_backward(total)
         finally:

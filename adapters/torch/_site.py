@@ -30,7 +30,7 @@ from advgraph._delta import DeltaResult
 from advgraph._errors import AdvGraphWarning, received
 
 from . import _taps
-from ._calls import SiteCalls
+from ._calls import SiteCalls, data_parallel_size, global_share
 from ._checks import check_loss
 
 
@@ -218,6 +218,12 @@ class _Site(SiteCalls):
     def site_grad(self) -> Any:
         """The gradient at the site from the last backward; each one is used once.
 
+        Under data parallelism (W ranks, gradients averaged) it is this rank's share
+        of the gradient of the global batch's mean loss, ``g_r / W``: the gradient one
+        process computes at these samples (output mode), so a method that depends on
+        the gradient's scale (smart's ascent step, gp's penalty) gives the update of
+        one process on the concatenated batch.
+
         Reading it releases it, so that nothing O(batch) or O(rows) stays alive
         through the next pass.
         """
@@ -237,7 +243,7 @@ class _Site(SiteCalls):
                 f"{received(recorded_gradients=0)}"
             )
         try:
-            return self._grad()
+            return global_share(self._grad(), data_parallel_size())
         finally:
             self._grad_parts = []
             self._grad_keys = set()

@@ -20,6 +20,7 @@ from torch import nn
 
 from advgraph._errors import received
 
+from ._calls import data_parallel_size, global_share
 from ._checks import check_loss
 from ._site import Stats, _Site
 from ._target import find_target
@@ -116,7 +117,8 @@ class WeightSite:
         return loss.detach()
 
     def site_grad(self) -> tuple[torch.Tensor, ...]:
-        """This pass's gradient of every perturbed weight the loss reached."""
+        """This pass's gradient of every perturbed weight the loss reached (under data
+        parallelism this rank's share of the global batch's, ``g_r / W``)."""
         if not self._grads:
             raise RuntimeError(
                 "No gradient at the perturbed weights: the loss does not depend on them. "
@@ -125,7 +127,7 @@ class WeightSite:
         self._chosen = sorted(self._grads)
         grads = tuple(self._grads[i] for i in self._chosen)
         self._grads = None
-        return grads
+        return global_share(grads, data_parallel_size())  # as the embedding sites
 
     def site_values(self) -> tuple[torch.Tensor, ...]:
         return tuple(self.named[i][1].detach() for i in self._chosen)

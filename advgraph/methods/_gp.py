@@ -24,6 +24,17 @@ class GP(Method):
     every entry (and every call of the target). The objective is ``"clean+adv"``:
     the penalty is added to the clean loss.
 
+    Under data parallelism (W ranks averaging their gradients: DDP, FSDP, DeepSpeed)
+    the step equals one process's on the concatenated batch, assuming a mean-reduced
+    loss over equal local batches. Derivation: one process's loss on the global batch
+    is ``L = (1/W) sum_r L_r``, so its gradient at rank r's samples is ``g_r / W``
+    (``g_r`` = the gradient of r's local loss) and its penalty is
+    ``eps/2 * sum_r ||g_r / W||^2``. Each rank adds ``W * eps/2 * ||g_r / W||^2``
+    (= ``eps/2 * ||g_r||^2 / W``): the site hands out ``g_r / W`` and the penalty
+    counts W times because the ranks' gradients are averaged. In matrix mode the
+    global gradient of a row sums over ranks and its square has cross terms no rank
+    sees: the penalty is each rank's own, as matrix-mode deltas are.
+
     Fields:
         epsilon: the penalty weight (default 1.0).
 

@@ -110,7 +110,10 @@ class Site(Protocol):
     def site_grad(self) -> Array:
         """The gradient of the last pass's loss with respect to the site, shaped
         like delta; a tuple (one array per call of the target) when the target
-        ran several times in the pass. Reading releases it."""
+        ran several times in the pass. Reading releases it. Under data parallelism
+        (PyTorch: ``torch.distributed`` initialized, W ranks averaging gradients) it
+        is the rank's share of the global batch's gradient, ``g_r / W``: what one
+        process computes at these samples with a mean-reduced loss."""
 
     def set_delta(self, delta: Any) -> None:
         """Install ``delta`` at the site, replacing any delta installed before.
@@ -139,7 +142,10 @@ class Site(Protocol):
     def penalty_backward(self, closure: Closure, penalty: Callable[[Array], Array]) -> Any:
         """One pass: a forward, then a backward of ``loss + penalty(g)`` into the
         parameters, ``g`` the gradient at the site kept differentiable (a double
-        backward). Returns the loss, detached."""
+        backward). Returns the loss, detached. Under data parallelism (W ranks
+        averaging gradients) ``g`` is the rank's share ``g_r / W`` (as
+        :meth:`site_grad`) and the adapter counts ``penalty(g)`` W times, so a penalty
+        summed over samples gives one process's on the concatenated batch."""
 
     def joint_backward(
         self, closure: Closure, deltas: Any, objective: Callable[[list[Any]], Array]
