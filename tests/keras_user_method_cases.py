@@ -94,7 +94,7 @@ def test_one_step_numbers() -> None:
         results[f"{i}/E"] = np.asarray(model.get_layer("emb").get_weights()[0])
         results[f"{i}/W"], results[f"{i}/b"] = map(np.asarray, model.get_layer("fc").get_weights())
         stats = dict(wrapped.advgraph_stats)
-        assert stats == {"steps": 1, "skipped_nonfinite": 0, "skipped_zero": 0}, (name, stats)
+        assert stats == {"steps": 1, "plain_steps": 0, "skipped_nonfinite": 0, "skipped_zero": 0}, (name, stats)
         if middle is not None:  # the two forwards of the step drew masks 0 and 1
             assert int(keras.ops.convert_to_numpy(middle.count)) == 2
         for key in ("E", "W", "b"):
@@ -164,7 +164,7 @@ def test_rdrop_counts_each_step_once_and_relative_fgm_in_matrix_mode_is_refused(
     model = model_with(keras.layers.Dropout(0.3), eager=False)
     wrapped = advgraph.wrap(model, mode="matrix", method=um.RDrop(alpha=0.5))
     wrapped.fit(d["x"], d["y"], batch_size=3, epochs=1, verbose=0)
-    assert dict(wrapped.advgraph_stats) == {"steps": 2, "skipped_nonfinite": 0, "skipped_zero": 0}
+    assert dict(wrapped.advgraph_stats) == {"steps": 2, "plain_steps": 0, "skipped_nonfinite": 0, "skipped_zero": 0}
     assert wrapped.advgraph_method == um.RDrop(alpha=0.5)
     other = model_with(None)
     with pytest.raises(ValueError, match="Received: .*mode='matrix'"):

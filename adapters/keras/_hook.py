@@ -77,7 +77,10 @@ def run_method(site: Any, closure: Any, config: Any) -> Any:
         loss = method.step(site, closure)
     finally:
         del site.record
-    count_step(site, method, recorded=bool(recorded))
+    from advgraph.methods._plain import PlainStep
+
+    if not isinstance(method, PlainStep):  # plain steps count on the host (plain_steps)
+        count_step(site, method, recorded=bool(recorded))
     if loss is None:  # a plain step of VAT on an unlabeled batch: nothing to backpropagate
         loss = keras.ops.zeros((), "float32")
     return loss
