@@ -257,7 +257,8 @@ def _make_fit(model: keras.Model) -> Callable[..., Any]:
         updates = _updates(model)
         history = original_fit(*args, **kwargs)
         after = state.stats.as_dict()
-        if _updates(model) > updates and after["steps"] == before["steps"]:
+        ran = after["steps"] + after["plain_steps"] - before["steps"] - before["plain_steps"]
+        if _updates(model) > updates and ran == 0:
             raise RuntimeError(
                 "fit() updated the wrapped model without any adversarial step: its train "
                 "function does not run advgraph's train_step (was train_step, "
@@ -296,8 +297,8 @@ def _warn_skipped(before: dict[str, int], after: dict[str, int]) -> None:
         count = after[key] - before[key]
         if count > 0:
             warnings.warn(
-                f"advgraph: in {count} of {steps} adversarial steps of this fit() the "
-                f"gradient at the embedding {what}; delta was 0 there (for the affected "
+                f"advgraph: in this fit() ({steps} adversarial steps) the gradient at the "
+                f"embedding {what} {count} time(s); delta was 0 there (for the affected "
                 f"samples in output mode). Counted in model.advgraph_stats['{key}'].",
                 AdvGraphWarning,
                 stacklevel=3,

@@ -23,11 +23,9 @@ import keras
 from advgraph._errors import AdvGraphWarning
 
 __all__ = [
-    "COUNT_ONCE",
     "run_method",
     "STAT_KEYS",
     "Perturbation",
-    "RecordOnce",
     "SiteHook",
     "StatsBase",
     "Teacher",
@@ -37,9 +35,9 @@ __all__ = [
     "token_mask_of",
 ]
 
-STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")
-# Methods that compute no delta from a gradient: each step counts once in ``steps``.
-COUNT_ONCE = ("gp", "r3f", "neftune")
+# The keys of ``advgraph_stats``, the same as the PyTorch adapter's (also their order);
+# each backend's counters are stored in this order.
+STAT_KEYS = ("steps", "plain_steps", "skipped_nonfinite", "skipped_zero")
 
 
 def check_labels(method: Any, y: Any) -> None:
@@ -55,42 +53,17 @@ def check_labels(method: Any, y: Any) -> None:
 
 
 def run_method(site: Any, closure: Any, config: Any) -> Any:
-    """Every pass of the method's step on ``site``; the clean loss."""
+    """Every pass of the method's step on ``site``; the clean loss. The step is
+    counted in ``steps`` once it ran (whatever the method, a user's included)."""
     loss = config.settings.step(site, closure)
-    count_step(site, config.settings)
+    count_step(site)
     return loss
 
 
-def count_step(site: Any, method: Any) -> None:
-    """Count a step of a method whose passes record nothing (``steps`` += 1); a
-    weight site: one count for the step's weights together (see :class:`RecordOnce`)."""
-    if method.name in COUNT_ONCE:
-        from advgraph._delta import DeltaResult
-
-        site.record(DeltaResult(None, False, False))
-    elif method.site == "weights":
-        site.flush_records()
-
-
-class RecordOnce:
-    """Mixin for the weight sites (awp): the per-weight skip flags of a step are
-    gathered and counted once, so ``steps`` counts steps, not weights."""
-
-    def record(self, result: Any) -> None:
-        self.__dict__.setdefault("_results", []).append(result)
-
-    def flush_records(self) -> None:
-        from advgraph._delta import DeltaResult
-
-        results = self.__dict__.pop("_results", [])
-        if results:
-            ops = keras.ops
-            nonfinite = ops.any(ops.stack([ops.any(r.nonfinite) for r in results]))
-            zero = ops.any(ops.stack([ops.any(r.zero) for r in results]))
-            self.record_once(DeltaResult(None, nonfinite, zero))
-
-    def record_once(self, result: Any) -> None:  # pragma: no cover - each site sets it
-        raise NotImplementedError
+def count_step(site: Any, plain: bool = False) -> None:
+    """One training step: ``steps`` += 1 (``plain=True``: ``plain_steps`` += 1, a
+    step before the method's ``start``). Every backend's site has ``count_step``."""
+    site.count_step(plain)
 
 
 def token_mask_of(site: Any, like: Any, cast: Any) -> Any:
@@ -117,10 +90,13 @@ def token_mask_of(site: Any, like: Any, cast: Any) -> Any:
 class StatsBase(Mapping):
     """Counters of one wrapped model, read on the host as ``model.advgraph_stats``.
 
-    ``steps``: adversarial deltas computed; ``skipped_nonfinite`` / ``skipped_zero``:
-    steps whose gradient at the site held NaN/inf or was zero (for some sample in
-    output mode), so delta was 0 there. The training step updates them on the
-    device, inside the compiled step; reading a key copies the value to the host.
+    The same keys and meaning as the PyTorch adapter's: ``steps``: training steps
+    that ran the method (one per ``train_step``, whatever the method); ``plain_steps``:
+    steps before the method's ``start`` (one plain forward/backward);
+    ``skipped_nonfinite`` / ``skipped_zero``: gradients (one per :meth:`Site.record`)
+    that held NaN/inf or were zero (for some sample in output mode), so delta was 0
+    there. The training step updates them on the device, inside the compiled step;
+    reading a key copies the value to the host.
     Each backend stores them its own way (``_values``, ``reset``, ``record``).
     """
 
