@@ -395,16 +395,16 @@ class PassCounter(keras.layers.Layer):
 
 
 @pytest.mark.parametrize(
-    "method, kwargs, passes, deltas",
+    "method, kwargs, passes",
     [
-        ("fgsm", {}, 2, 1),
-        ("pgd", {"steps": 3, "random_init": True}, 4, 3),
-        ("freelb", {"steps": 3}, 3, 2),
-        ("vat", {"steps": 1}, 3, 1),
+        ("fgsm", {}, 2),
+        ("pgd", {"steps": 3, "random_init": True}, 4),
+        ("freelb", {"steps": 3}, 3),
+        ("vat", {"steps": 1}, 3),
     ],
 )
 @pytest.mark.parametrize("mode", ["matrix", "output"])
-def test_every_method_trains_with_its_pass_count(mode, method, kwargs, passes, deltas) -> None:
+def test_every_method_trains_with_its_pass_count(mode, method, kwargs, passes) -> None:
     tokens = keras.Input((LENGTH,), dtype="int32")
     counter = PassCounter()
     h = counter(keras.layers.Embedding(13, 4)(tokens))
@@ -415,7 +415,7 @@ def test_every_method_trains_with_its_pass_count(mode, method, kwargs, passes, d
     before = snapshot(wrapped)
     wrapped.fit(x, y, batch_size=4, verbose=0)
     assert counter.calls == passes
-    assert wrapped.advgraph_stats["steps"] == deltas
+    assert wrapped.advgraph_stats["steps"] == 1  # one training step, whatever its passes
     assert snapshot(wrapped) != before
     assert all(np.isfinite(v.numpy()).all() for v in wrapped.weights)
     if method == "vat":  # label-free: fit(x) alone trains too

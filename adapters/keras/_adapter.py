@@ -306,8 +306,8 @@ def _warn_skipped(before: dict[str, int], after: dict[str, int]) -> None:
         count = after[key] - before[key]
         if count > 0:
             warnings.warn(
-                f"advgraph: in {count} of {steps} adversarial steps of this fit() the "
-                f"gradient at the embedding {what}; delta was 0 there (for the affected "
+                f"advgraph: in this fit() ({steps} adversarial steps) the gradient at the "
+                f"embedding {what} {count} time(s); delta was 0 there (for the affected "
                 f"samples in output mode). Counted in model.advgraph_stats['{key}'].",
                 AdvGraphWarning,
                 stacklevel=3,

@@ -25,9 +25,7 @@ from advgraph._errors import AdvGraphWarning
 __all__ = [
     "run_method",
     "STAT_KEYS",
-    "ALL_STAT_KEYS",
     "Perturbation",
-    "RecordOnce",
     "SiteHook",
     "StatsBase",
     "Teacher",
@@ -37,10 +35,9 @@ __all__ = [
     "token_mask_of",
 ]
 
-STAT_KEYS = ("steps", "skipped_nonfinite", "skipped_zero")  # kept on the device, in-graph
-# What ``advgraph_stats`` shows: ``plain_steps`` (steps before the method's ``start``)
-# is counted on the host, where fit() picks the plain train function (``_schedule``).
-ALL_STAT_KEYS = ("steps", "plain_steps", "skipped_nonfinite", "skipped_zero")
+# The keys of ``advgraph_stats``, the same as the PyTorch adapter's (also their order);
+# each backend's counters are stored in this order.
+STAT_KEYS = ("steps", "plain_steps", "skipped_nonfinite", "skipped_zero")
 
 
 def check_labels(method: Any, y: Any) -> None:
@@ -56,66 +53,28 @@ def check_labels(method: Any, y: Any) -> None:
 
 
 def run_method(site: Any, closure: Any, config: Any) -> Any:
-    """Every pass of the method's step on ``site``; the clean loss.
+    """Every pass of the method's step on ``site``; the clean loss. The step is
+    counted once it ran: in ``steps`` (whatever the method, a user's included), or in
+    ``plain_steps`` for the plain step before the method's ``start``.
 
     ``config``: the wrapped model's settings, or the :class:`advgraph.Method` to run
-    (the method with its schedules evaluated at this step, or the plain step before
-    its ``start``: see ``_schedule.method_now``). A step that recorded no delta
-    computation (``site.record``) counts once in ``steps``: gp, r3f, neftune and a
-    user's method alike (decided by what the step did, never by the method's name).
+    (the method with its schedules evaluated at this step, or the plain step: see
+    ``_schedule.method_now``).
     """
-    method = getattr(config, "settings", config)
-    recorded: list[Any] = []
-    record = site.record
-
-    def counting(result: Any) -> None:
-        recorded.append(result)
-        record(result)
-
-    site.record = counting  # an instance attribute over the class's method
-    try:
-        loss = method.step(site, closure)
-    finally:
-        del site.record
     from advgraph.methods._plain import PlainStep
 
-    if not isinstance(method, PlainStep):  # plain steps count on the host (plain_steps)
-        count_step(site, method, recorded=bool(recorded))
+    method = getattr(config, "settings", config)
+    loss = method.step(site, closure)
+    count_step(site, plain=isinstance(method, PlainStep))
     if loss is None:  # a plain step of VAT on an unlabeled batch: nothing to backpropagate
         loss = keras.ops.zeros((), "float32")
     return loss
 
 
-def count_step(site: Any, method: Any, *, recorded: bool = True) -> None:
-    """Count a step whose passes recorded nothing (``steps`` += 1); a weight site:
-    one count for the step's weights together (see :class:`RecordOnce`)."""
-    if method.site == "weights":
-        site.flush_records()
-    elif not recorded:
-        from advgraph._delta import DeltaResult
-
-        site.record(DeltaResult(None, False, False))
-
-
-class RecordOnce:
-    """Mixin for the weight sites (awp): the per-weight skip flags of a step are
-    gathered and counted once, so ``steps`` counts steps, not weights."""
-
-    def record(self, result: Any) -> None:
-        self.__dict__.setdefault("_results", []).append(result)
-
-    def flush_records(self) -> None:
-        from advgraph._delta import DeltaResult
-
-        results = self.__dict__.pop("_results", [])
-        if results:
-            ops = keras.ops
-            nonfinite = ops.any(ops.stack([ops.any(r.nonfinite) for r in results]))
-            zero = ops.any(ops.stack([ops.any(r.zero) for r in results]))
-            self.record_once(DeltaResult(None, nonfinite, zero))
-
-    def record_once(self, result: Any) -> None:  # pragma: no cover - each site sets it
-        raise NotImplementedError
+def count_step(site: Any, plain: bool = False) -> None:
+    """One training step: ``steps`` += 1 (``plain=True``: ``plain_steps`` += 1, a
+    step before the method's ``start``). Every backend's site has ``count_step``."""
+    site.count_step(plain)
 
 
 def token_mask_of(site: Any, like: Any, cast: Any) -> Any:
@@ -142,51 +101,33 @@ def token_mask_of(site: Any, like: Any, cast: Any) -> Any:
 class StatsBase(Mapping):
     """Counters of one wrapped model, read on the host as ``model.advgraph_stats``.
 
-    ``steps``: adversarial deltas computed; ``plain_steps``: optimizer steps that ran
-    as one plain forward/backward because the method's ``start`` was not reached;
-    ``skipped_nonfinite`` / ``skipped_zero``: steps whose gradient at the site held
-    NaN/inf or was zero (for some sample in output mode), so delta was 0 there. The
-    training step updates ``steps`` and the skips on the device, inside the compiled
-    step (each backend stores them its own way: ``_values``, ``reset``, ``record``);
-    ``plain_steps`` is counted on the host. Reading a key copies the value to the host.
+    The same keys and meaning as the PyTorch adapter's: ``steps``: training steps
+    that ran the method (one per ``train_step``, whatever the method); ``plain_steps``:
+    steps before the method's ``start`` (one plain forward/backward);
+    ``skipped_nonfinite`` / ``skipped_zero``: gradients (one per :meth:`Site.record`)
+    that held NaN/inf or were zero (for some sample in output mode), so delta was 0
+    there. The training step updates them on the device, inside the compiled step;
+    reading a key copies the value to the host.
+    Each backend stores them its own way (``_values``, ``reset``, ``record``).
     """
-
-    _plain = 0  # plain_steps (host side; see _schedule)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        device_reset = cls.__dict__.get("reset")
-        if device_reset is not None:
-
-            def reset(self: "StatsBase") -> None:
-                self._plain = 0
-                device_reset(self)
-
-            reset.__doc__ = device_reset.__doc__
-            cls.reset = reset  # type: ignore[method-assign]
 
     def _values(self) -> list[int]:
         raise NotImplementedError
 
-    def add_plain(self, count: int) -> None:
-        """Count ``count`` plain steps (host side)."""
-        self._plain += int(count)
-
-    def as_dict(self) -> dict[str, int]:
-        steps, nonfinite, zero = self._values()
-        return {"steps": steps, "plain_steps": self._plain, "skipped_nonfinite": nonfinite, "skipped_zero": zero}
-
     def __getitem__(self, key: str) -> int:
-        return self.as_dict()[key]
+        return self._values()[STAT_KEYS.index(key)]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(ALL_STAT_KEYS)
+        return iter(STAT_KEYS)
 
     def __len__(self) -> int:
-        return len(ALL_STAT_KEYS)
+        return len(STAT_KEYS)
 
     def __repr__(self) -> str:
-        return f"advgraph_stats({self.as_dict()})"
+        return f"advgraph_stats({dict(zip(STAT_KEYS, self._values()))})"
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(zip(STAT_KEYS, self._values()))
 
     def reset(self) -> None:  # pragma: no cover - every backend overrides it
         raise NotImplementedError

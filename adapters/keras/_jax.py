@@ -40,7 +40,7 @@ from advgraph._errors import received
 from advgraph._ops import jax_keys
 
 from . import _private
-from ._hook import run_method, RecordOnce, StatsBase, check_labels, token_mask_of
+from ._hook import run_method, StatsBase, check_labels, token_mask_of
 from ._schedule import method_now
 
 __all__ = [
@@ -55,7 +55,7 @@ class _Counters(keras.metrics.Metric):
         super().__init__(name=name)
         key = [0, seed & 0xFFFFFFFF]
         self.counts = self.add_variable(
-            shape=(3,), initializer="zeros", dtype="int32", name="counts"
+            shape=(4,), initializer="zeros", dtype="int32", name="counts"  # STAT_KEYS order
         )
         self.key = self.add_variable(
             shape=(2,),
@@ -91,7 +91,7 @@ class Stats(StatsBase):
 
     def reset(self) -> None:
         """Set every counter to 0 (host side)."""
-        self.counters.counts.assign(jnp.zeros((3,), "int32"))
+        self.counters.counts.assign(jnp.zeros((4,), "int32"))
 
 
 def make_stats(model: keras.Model) -> Stats:
@@ -170,7 +170,7 @@ class JaxSite:
         self.non_trainable = list(non_trainable)
         self.optimizer_values = optimizer_values
         self.key = key
-        self.counts = jnp.zeros((3,), jnp.int32)
+        self.counts = jnp.zeros((4,), jnp.int32)  # STAT_KEYS order
         self.param_grads: list[Any] | None = None
         self.records: list[dict[str, Any]] = []  # what each pass's closure reported
         self.delta: Any = None
@@ -395,9 +395,12 @@ class JaxSite:
     def clear(self) -> None:
         self.delta = None  # functional: no stored value was changed
 
+    def count_step(self, plain: bool = False) -> None:
+        self.counts = self.counts.at[1 if plain else 0].add(1)
+
     def record(self, result: DeltaResult) -> None:
         flags = jnp.stack([jnp.any(result.nonfinite), jnp.any(result.zero)]).astype(jnp.int32)
-        self.counts = self.counts + jnp.concatenate([jnp.ones((1,), jnp.int32), flags])
+        self.counts = self.counts + jnp.concatenate([jnp.zeros((2,), jnp.int32), flags])
 
     # -- calls for gp, r3f, smart and neftune (see advgraph.Site) -----------
     mask: Any = None  # set by the hook: a function giving the target's Keras mask
@@ -510,12 +513,10 @@ class JaxSite:
         return jax.lax.stop_gradient(self._values)
 
 
-class WeightSite(RecordOnce, JaxSite):
+class WeightSite(JaxSite):
     """method='awp': delta on a set of trainable variables, functionally: each pass
     differentiates at ``value + delta`` (handed to the stateless call); nothing
     stored is written, so nothing is restored."""
-
-    record_once = JaxSite.record
 
     def __init__(self, *args: Any, indices: list[int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

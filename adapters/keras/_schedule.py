@@ -17,7 +17,7 @@ adversarial passes in its graph, which an in-graph ``cond`` would not guarantee
 state; TensorFlow's ``tf.cond`` densifies the embedding's sparse gradients).
 Before each call the host reads the iteration count (a sync, only until the
 method has switched on: afterwards the adversarial function is called directly)
-and counts the plain steps a call ran in ``advgraph_stats["plain_steps"]``. With
+(the plain step counts itself in ``advgraph_stats["plain_steps"]``). With
 ``steps_per_execution=k`` the switch is made between executions, so the method
 switches on at the first execution that starts at or after ``start`` (warned when
 that is later than ``start``).
@@ -142,6 +142,4 @@ class StartDispatch:
             out = self.plain(*args)
         finally:
             self.state.plain_now = False
-        after = self._iterations(out[1] if self.jax else None)
-        self.state.stats.add_plain(after - before)
-        return out
+        return out  # its plain steps counted themselves (plain_steps, in the step)

@@ -54,7 +54,7 @@ import tensorflow as tf
 from advgraph._delta import DeltaResult
 from advgraph._errors import received
 
-from ._hook import STAT_KEYS, Perturbation, RecordOnce, SiteHook, StatsBase, is_reverse_call, token_mask_of
+from ._hook import STAT_KEYS, Perturbation, SiteHook, StatsBase, is_reverse_call, token_mask_of
 
 __all__ = ["Stats", "SiteHook", "OutputSite", "MatrixSite", "WeightSite", "Perturbation", "add_grads"]
 
@@ -99,8 +99,12 @@ class Stats(StatsBase):
         for var in self._vars.values():
             var.assign(tf.constant(0, tf.int64))
 
+    def count_step(self, plain: bool = False) -> None:
+        """Count one training step (in-graph)."""
+        self._vars["plain_steps" if plain else "steps"].assign_add(tf.constant(1, tf.int64))
+
     def record(self, result: DeltaResult) -> None:
-        """Count one delta computation (in-graph; replicas agree on the flags)."""
+        """Count a skipped gradient (in-graph; replicas agree on the flags)."""
         flags = tf.stack(
             [
                 tf.reduce_any(tf.convert_to_tensor(result.nonfinite)),
@@ -109,7 +113,6 @@ class Stats(StatsBase):
         )
         flags = tf.cast(flags, tf.int64)
         flags = tf.minimum(_all_reduce_sum(flags), 1)
-        self._vars["steps"].assign_add(tf.constant(1, tf.int64))
         self._vars["skipped_nonfinite"].assign_add(flags[0])
         self._vars["skipped_zero"].assign_add(flags[1])
 
@@ -235,6 +238,9 @@ class _KerasSite:
 
     def record(self, result: DeltaResult) -> None:
         self.stats.record(result)
+
+    def count_step(self, plain: bool = False) -> None:
+        self.stats.count_step(plain)
 
     # -- calls for gp, r3f, smart and neftune (see advgraph.Site) -----------
     mask: Any = None  # set by the hook: a function giving the target's Keras mask
@@ -604,7 +610,7 @@ class MatrixSite(_KerasSite):
         self._restore()
 
 
-class WeightSite(RecordOnce, _KerasSite):
+class WeightSite(_KerasSite):
     """method='awp': delta on a set of variables (one array per variable, a tuple).
 
     The gradient at the site is this pass's gradient of each variable (dense). The
@@ -612,8 +618,6 @@ class WeightSite(RecordOnce, _KerasSite):
     """
 
     mode = "weights"
-
-    record_once = _KerasSite.record
 
     def __init__(self, model: keras.Model, stats: Stats, weights: list[Any]) -> None:
         super().__init__(model, stats)

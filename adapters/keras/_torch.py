@@ -25,7 +25,7 @@ from advgraph._delta import DeltaResult
 from advgraph._errors import received
 
 from . import _private
-from ._hook import run_method, RecordOnce, StatsBase, check_labels, token_mask_of
+from ._hook import run_method, StatsBase, check_labels, token_mask_of
 from ._schedule import method_now
 
 __all__ = ["Stats", "TorchSite", "WeightSite", "adversarial_gradients", "make_stats", "train_step"]
@@ -41,7 +41,7 @@ class Stats(StatsBase):
     """
 
     def __init__(self) -> None:
-        self.counts = torch.zeros(3, dtype=torch.int64)
+        self.counts = torch.zeros(4, dtype=torch.int64)  # in STAT_KEYS order
 
     def _values(self) -> list[int]:
         return [int(v) for v in self.counts.tolist()]
@@ -50,10 +50,12 @@ class Stats(StatsBase):
         """Set every counter to 0."""
         self.counts.zero_()
 
+    def count_step(self, plain: bool = False) -> None:
+        self.counts[1 if plain else 0] += 1
+
     def record(self, result: DeltaResult) -> None:
         flags = torch.stack([torch.as_tensor(result.nonfinite).any(), torch.as_tensor(result.zero).any()])
-        add = torch.cat([torch.ones(1, dtype=torch.int64, device=flags.device), flags.long()])
-        self.counts += add.to(self.counts.device)
+        self.counts[2:] += flags.long().to(self.counts.device)
 
 
 def make_stats(model: keras.Model) -> Stats:
@@ -241,6 +243,9 @@ class TorchSite:
     def record(self, result: DeltaResult) -> None:
         self.stats.record(result)
 
+    def count_step(self, plain: bool = False) -> None:
+        self.stats.count_step(plain)
+
     # -- calls for gp, r3f, smart and neftune (see advgraph.Site) -----------
     mask: Any = None  # set by the hook: a function giving the target's Keras mask
 
@@ -336,13 +341,11 @@ class TorchSite:
         return self._values
 
 
-class WeightSite(RecordOnce, TorchSite):
+class WeightSite(TorchSite):
     """method='awp': delta on a set of variables (a tuple, one array per variable).
 
     The perturbed values are copied into the parameters in place; restore copies the
     saved values back (bit-exact, also when a pass raises)."""
-
-    record_once = TorchSite.record
 
     def __init__(self, model: keras.Model, stats: Stats, weights: list[Any]) -> None:
         super().__init__(model, stats, model, "weights")

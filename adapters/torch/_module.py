@@ -342,12 +342,16 @@ class AdversarialModule:
         finally:
             if mask is not None:
                 state.site.step_mask = None
-        if runner.done < runner.passes and state.sync.deferred:
-            # The last pass ran with DDP's sync deferred: gradients were not all-reduced.
-            raise RuntimeError(
-                "advgraph internal error: the method ran fewer passes than its passes() "
-                "says, so DDP's gradient sync was deferred in its last pass. "
-                f"{received(method=state.config.method, passes=runner.done, expected=runner.passes)}"
+        if runner.done != runner.passes:
+            # Checked on every step, not only under DDP: with fewer passes the last one ran
+            # with DDP's sync deferred (gradients not all-reduced) and outside DeepSpeed's
+            # accumulation boundary; with more, the sync and the boundary ran twice.
+            raise ValueError(
+                "A method's passes() must return the number of passes (forward_backward, "
+                "penalty_backward and joint_backward calls) its step runs: DDP and DeepSpeed "
+                "treat the last pass specially. The gradients of this step are accumulated "
+                "and the parameters restored. "
+                f"{received(method=method.label, passes_run=runner.done, passes_declared=runner.passes)}"
             )
         if isinstance(method, PlainStep):
             state.stats.plain_steps += 1

@@ -116,6 +116,51 @@ class WeightSite:
             self._grads = {i: g for i, g in enumerate(grads) if g is not None}
         return loss.detach()
 
+    def _run_backward(self, total: torch.Tensor) -> None:
+        if self.backward is None:
+            total.backward()
+        else:
+            self.backward(total)
+
+    def penalty_backward(self, closure: Callable[[], Any], penalty: Callable[[Any], Any]) -> torch.Tensor:
+        """A forward, then a backward of ``loss + penalty(g)``, ``g`` the gradient of
+        every perturbed weight the loss reached, kept differentiable."""
+        loss = check_loss(closure())
+        params = [p for _, p in self.named]
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        self._grads = {i: g for i, g in enumerate(grads) if g is not None}
+        grad = self.site_grad()
+        extra = penalty(grad)
+        del grad, grads
+        self._run_backward(loss + extra.to(loss.dtype))
+        return loss.detach()
+
+    def joint_backward(
+        self, closure: Callable[[], Any], deltas: Any, objective: Callable[[list[Any]], Any]
+    ) -> torch.Tensor:
+        """The forwards of one backward. The weights are edited in place, which autograd
+        refuses between two forwards it saved them for: one delta for all of them."""
+        kinds = {None if d is None else id(d) for d in deltas}
+        if len(kinds) > 1:
+            raise ValueError(
+                "joint_backward() on a site made of weights runs every forward under the same "
+                "delta (the weights are edited in place, which autograd refuses between "
+                f"forwards that saved them). {received(deltas=len(deltas), distinct=len(kinds))}"
+            )
+        try:
+            if deltas and deltas[0] is not None:
+                self.set_delta(deltas[0])
+            outs = [closure() for _ in deltas]
+            total = objective(outs)
+            del outs
+            self._run_backward(total)
+        finally:
+            self.clear()
+        return total.detach()
+
+    def token_mask(self, like: Any) -> None:
+        return None  # no token positions at a set of weights
+
     def site_grad(self) -> tuple[torch.Tensor, ...]:
         """This pass's gradient of every perturbed weight the loss reached (under data
         parallelism this rank's share of the global batch's, ``g_r / W``)."""

@@ -43,14 +43,21 @@ Guarantees every implementation gives (checked by ``tests/test_site_conformance.
   ``set_delta``.
 * **Per-call gradients.** When the target ran ``k > 1`` times in one forward,
   ``site_grad()`` is a tuple of ``k`` arrays in call order, and ``set_delta``
-  takes the same structure (each call gets its own delta).
-* **Skipped gradients are counted.** ``record(result)`` adds the rows a
-  :func:`advgraph.compute_delta` result skipped to ``skipped_nonfinite`` /
-  ``skipped_zero`` of ``advgraph_stats``; a skipped row's delta is exactly 0.
+  takes the same structure (each call gets its own delta). In matrix mode the site
+  is the rows themselves, which every call shares: one array over the union of the
+  rows the calls touched, their gradients summed. A site made of weights gives one
+  array per weight (a tuple), whatever the calls.
+* **Skipped gradients are counted.** ``record(result)`` of a
+  :func:`advgraph.compute_delta` result that skipped a row (NaN/inf or zero
+  gradient) adds one to ``skipped_nonfinite`` / ``skipped_zero`` of
+  ``advgraph_stats``; a skipped row's delta is exactly 0. ``steps`` counts
+  training steps (one per step, whatever the method), the same on every adapter.
 * **Pass counting.** Every ``forward_backward``, ``penalty_backward`` and
   ``joint_backward`` is one pass; ``Method.passes()`` says how many a step runs,
   and the adapter treats the last one specially (DDP's gradient all-reduce,
-  DeepSpeed's accumulation boundary).
+  DeepSpeed's accumulation boundary); each pass's parameter gradients add up into
+  the step's update. On PyTorch a step that runs another number of passes than
+  ``passes()`` raises ``ValueError``.
 """
 
 from __future__ import annotations
