@@ -9,8 +9,8 @@ holds setup a reader does not need to see (generated data, a small model);
 such as ``torchrun`` or ``deepspeed``): few, each with the reason beside it.
 
 Keras picks its backend once per process, and this process already imported torch
-and maybe TensorFlow for other tests; so a page's blocks that ``import keras`` run
-in one subprocess per page, with ``KERAS_BACKEND=tensorflow`` and torch imported
+and maybe TensorFlow for other tests; so the blocks that name Keras or TensorFlow run
+in one subprocess for all pages, with ``KERAS_BACKEND=tensorflow`` and torch imported
 first, in the order they appear, sharing one namespace.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import subprocess
 import sys
@@ -52,7 +53,8 @@ json.dump(results, open(sys.argv[2], "w"))
 
 
 def is_keras(source: str) -> bool:
-    return "import keras" in source or "keras_hub" in source
+    """A block that names Keras or TensorFlow (an import, or a comment saying it is Keras)."""
+    return re.search(r"\b(keras|keras_hub|tensorflow)\b", source, re.I) is not None
 
 
 def evaluate(example) -> None:
