@@ -178,8 +178,13 @@ def test_matrix_long_run_holds_no_growing_memory(method, steps):
         stat.size_diff
         for stat in traced_after.filter_traces(ours).compare_to(traced_before.filter_traces(ours), "filename")
     )
-    # A leak of one small Python object (>= 56 bytes) a step in advgraph's code exceeds this.
-    assert growth <= 56 * window, growth
+    # Python heap allocated from advgraph's lines over the window. tracemalloc charges
+    # a C call's allocations to the Python line that made it, and torch's dispatcher
+    # keeps small objects while its caches fill (torch's own optimizer lines show the
+    # same): measured up to ~80 bytes a step over the first few hundred steps, ~5
+    # after. 256 bytes a step is above that and below a leaked dict or list of a few
+    # entries a step; leaked containers and tensors are counted exactly below.
+    assert growth <= 256 * window, growth
     # Python objects: one kept per step would add `steps - warmup - window` >= 60.
     assert objects_before_window <= objects_after_warmup + 20, (objects_after_warmup, objects_before_window)
     # Tensor storage: no saved rows, delta or gradient kept from step to step (one
