@@ -695,3 +695,134 @@ def test_r3f_matrix_with_a_tied_head_is_refused_on_torch_only() -> None:
             x, y = data()
             wrapped.train_on_batch(x, y % C)
             assert wrapped.advgraph_stats["steps"] == 1
+
+
+# -- real noise draws (issue 19) ------------------------------------------------------
+# Every other Keras test replaces the draws by fixed arrays. Here the draws are real:
+# a probe layer right after the embedding stores what each forward of a step sees
+# (in non-trainable variables, so it works inside tf.function, XLA and jax.jit),
+# the optimizer has learning rate 0 (the weights stay put), and the noise of a
+# forward is the probe's value minus the clean embedding output E[x].
+
+NB, NL, ND, NV = 8, 16, 16, 64  # 2048 noise entries per forward: tight statistics
+# (method, mode, knobs, forwards per step, the forward holding the raw draw, kind)
+NOISE_CASES = [
+    ("r3f", "output", {"noise_eps": 0.05}, 2, 1, "uniform"),
+    ("r3f", "output", {"noise_eps": 0.05, "noise_type": "normal"}, 2, 1, "normal"),
+    ("r3f", "matrix", {"noise_eps": 0.05}, 2, 1, "uniform"),
+    ("neftune", "output", {"neftune_alpha": 5.0}, 1, 0, "uniform"),
+    # clean, ascent pass (the N(0, eps^2) start), joint clean, joint noisy (no teacher)
+    ("smart", "output", {"noise_eps": 0.05, "smart_mu": 0.0}, 4, 1, "normal"),
+    ("vat", "output", {"xi": 0.1}, 3, 1, "direction"),  # clean, power iteration, final
+]
+NOISE_JITS = [False, True] if BACKEND == "tensorflow" else ["auto"]
+
+
+class Probe(keras.layers.Layer):
+    """Identity that stores the input of each of its last ``slots`` forwards."""
+
+    def __init__(self, slots: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.slots = slots
+
+    def build(self, shape) -> None:
+        self.seen = self.add_weight(shape=(self.slots, NB, NL, ND), initializer="zeros", trainable=False, name="seen")
+        self.count = self.add_weight(shape=(), initializer="zeros", dtype="int32", trainable=False, name="count")
+
+    def compute_output_shape(self, shape):
+        return shape
+
+    def call(self, h):
+        count = self.count.value
+        i = keras.ops.mod(count, self.slots)
+        value = keras.ops.expand_dims(keras.ops.stop_gradient(h), 0)
+        self.seen.assign(keras.ops.slice_update(self.seen.value, [i, 0, 0, 0], value))
+        self.count.assign(count + 1)
+        return h
+
+
+def _noise_run(method: str, mode: str, knobs: dict, forwards: int, jit_compile):
+    """Two fit() steps on the same batch: ``(noise, count, x)``, the noise of every
+    forward (2 * forwards, NB, NL, ND), the probe's forward count and the ids."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((NL,), dtype="int32")
+    probe = Probe(2 * forwards, name="probe")
+    h = probe(keras.layers.Embedding(NV, ND, name="emb")(inp))
+    model = keras.Model(inp, keras.layers.Dense(C)(keras.layers.GlobalAveragePooling1D()(h)))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), jit_compile=jit_compile,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # Distinct ids within a sequence (NL of NV); sequences share rows in matrix mode.
+    x = np.stack([np.random.default_rng(i).permutation(NV)[:NL] for i in range(NB)]).astype("int32")
+    y = np.random.default_rng(1).integers(0, C, NB).astype("int32")
+    wrapped = advgraph.wrap(model, mode=mode, method=method, **knobs)
+    clean = np.asarray(keras.ops.convert_to_numpy(emb_of(model).embeddings))[x]
+    # One epoch of two batches holding the same ids: two calls of the compiled step.
+    wrapped.fit(np.concatenate([x, x]), np.concatenate([y, y]), batch_size=NB, epochs=1, shuffle=False, verbose=0)
+    assert np.asarray(keras.ops.convert_to_numpy(emb_of(model).embeddings))[x].tobytes() == clean.tobytes()
+    count = int(keras.ops.convert_to_numpy(probe.count))
+    seen = np.asarray(keras.ops.convert_to_numpy(probe.seen), dtype=np.float64)
+    return seen - clean.astype(np.float64)[None], count, x
+
+
+def _distinct(z: np.ndarray, x: np.ndarray, mode: str) -> np.ndarray:
+    """The independent draws: every entry (output mode); one row per id (matrix mode:
+    every occurrence of an id carries its row's delta, taken at its first position)."""
+    if mode == "output":
+        return z.reshape(-1)
+    _, first = np.unique(x.reshape(-1), return_index=True)
+    return z.reshape(-1, z.shape[-1])[first].reshape(-1)
+
+
+@pytest.mark.parametrize("jit_compile", NOISE_JITS)
+@pytest.mark.parametrize(
+    "method, mode, knobs, forwards, raw, kind", NOISE_CASES,
+    ids=[f"{c[0]}-{c[1]}-{c[5]}" for c in NOISE_CASES],
+)
+def test_real_noise_draws_have_their_distribution_and_change_every_step(
+    method: str, mode: str, knobs: dict, forwards: int, raw: int, kind: str, jit_compile
+) -> None:
+    """Real draws inside the compiled train step (TF: tf.function with and without
+    XLA; JAX: jax.jit; torch): the right range and distribution, and a fresh draw in
+    the second step. Tolerances are 5 standard errors of each statistic at its
+    sample size n (>= 800 entries)."""
+    noise, count, x = _noise_run(method, mode, knobs, forwards, jit_compile)
+    assert count == 2 * forwards, count  # every forward of both compiled steps ran the probe
+    draws = [noise[raw], noise[forwards + raw]]
+    # float32 rounding of (e + z) - e with |e| <= 0.05 (Keras' uniform init): <= 1 ulp of 0.1.
+    slack = 2.0**-23 * 0.1
+    for z in draws:
+        if kind == "uniform":
+            bound = knobs.get("noise_eps") or knobs["neftune_alpha"] / np.sqrt(NL * ND)
+            u = _distinct(z, x, mode)
+            n = u.size
+            assert n >= 800, n
+            assert np.abs(u).max() <= bound + slack
+            # U(-b, b): the largest |draw| of n >= 800 is above 0.98 b (P(fail) = 0.98^n
+            # < 1e-7); std b / sqrt(3) (relative standard error sqrt(0.8 / 4n)); mean 0.
+            assert np.abs(u).max() >= 0.98 * bound
+            assert abs(u.std() / (bound / np.sqrt(3)) - 1) < 5 * np.sqrt(0.8 / (4 * n)), u.std()
+            assert abs(u.mean()) < 5 * bound / np.sqrt(3 * n), u.mean()
+        elif kind == "normal":
+            sigma = knobs["noise_eps"]
+            u = _distinct(z, x, mode)
+            n = u.size
+            # N(0, sigma^2): std (relative standard error 1 / sqrt(2n)), mean 0, and
+            # |z| > 2 sigma in 4.55% of entries (a uniform of the same std has none).
+            assert abs(u.std() / sigma - 1) < 5 / np.sqrt(2 * n), u.std()
+            assert abs(u.mean()) < 5 * sigma / np.sqrt(n), u.mean()
+            tail = (np.abs(u) > 2 * sigma).mean()
+            assert abs(tail - 0.0455) < 5 * np.sqrt(0.0455 * 0.9545 / n), tail
+        else:  # VAT's start: xi * z / ||z|| per sample, z standard normal
+            xi = knobs["xi"]
+            np.testing.assert_allclose(np.sqrt((z**2).sum(axis=(1, 2))), xi, rtol=1e-3)
+            unit = (z * np.sqrt(NL * ND) / xi).reshape(-1)  # ~ N(0, 1) entries
+            tail = (np.abs(unit) > 2).mean()
+            assert abs(tail - 0.0455) < 5 * np.sqrt(0.0455 * 0.9545 / unit.size), tail
+    # The clean forwards carry no noise at all.
+    clean_slots = {"r3f": [0], "smart": [0, 2], "vat": [0], "neftune": []}[method]
+    for k in clean_slots:
+        assert not noise[k].any() and not noise[forwards + k].any(), k
+    # Step 2 draws afresh: the compiled step must not bake one draw in.
+    a, b = (_distinct(z, x, mode) for z in draws)
+    assert (a == b).mean() < 0.01, "the same noise in two steps"
+    assert abs(np.corrcoef(a, b)[0, 1]) < 5 / np.sqrt(a.size)
