@@ -271,6 +271,30 @@ def test_save_and_load_wrapped_model(mode: str, kind: str, tmp_path) -> None:
     np.testing.assert_array_equal(fresh.predict(x, verbose=0), wrapped.predict(x, verbose=0))
 
 
+def test_saved_model_and_method_settings_reload_and_train_on_identically(tmp_path) -> None:
+    """A wrapped Keras model saves as the user's model; its method saves as settings
+    (``get_config()``, plain JSON) and ``advgraph.methods.from_config`` rebuilds it:
+    the reloaded pair trains on exactly as the original (schedule and start included)."""
+    import json
+
+    x, y = batch(n=6)
+    method = advgraph.methods.PGD(epsilon=advgraph.linear_schedule(0.1, 0.5, steps=4), steps=2, start=1)
+    wrapped = advgraph.wrap(compiled("functional"), mode="matrix", method=method)
+    wrapped.fit(x, y, batch_size=3, verbose=0)
+    wrapped.save(tmp_path / "m.keras")
+    (tmp_path / "method.json").write_text(json.dumps({"method": "pgd", **wrapped.advgraph_method.get_config()}))
+
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    rebuilt = advgraph.methods.from_config(json.loads((tmp_path / "method.json").read_text()))
+    assert rebuilt == wrapped.advgraph_method
+    again = advgraph.wrap(loaded, mode="matrix", method=rebuilt)
+    for model in (wrapped, again):
+        model.fit(x, y, batch_size=3, verbose=0, shuffle=False)
+    for a, b in zip(wrapped.get_weights(), again.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert again.advgraph_stats["steps"] == 2 and again.advgraph_stats["plain_steps"] == 0
+
+
 # -- errors ---------------------------------------------------------------------------
 
 
