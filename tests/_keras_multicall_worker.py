@@ -1,6 +1,7 @@
 """Subprocess worker: a target layer called several times in one forward (issue 18).
 
-Run as ``python _keras_multicall_worker.py <out.npz> <part>`` with KERAS_BACKEND set.
+Run as ``python _keras_multicall_worker.py <out.npz> <part> [methods]`` with
+KERAS_BACKEND set.
 
 ``part``:
 
@@ -107,10 +108,10 @@ def run_fgm(out: dict[str, np.ndarray]) -> None:
         out[f"{mode}/steps"] = np.asarray(wrapped.advgraph_stats["steps"])
 
 
-def run_methods(build, out: dict[str, np.ndarray]) -> None:
+def run_methods(build, out: dict[str, np.ndarray], methods=METHODS) -> None:
     import advgraph
 
-    for method in METHODS:
+    for method in methods:
         for mode in ("output", "matrix"):
             if method == "awp" and mode == "matrix":
                 continue  # awp perturbs weights: no mode
@@ -143,7 +144,7 @@ def main() -> None:
     elif part == "bi-methods":
         run_methods(bi_encoder, out)
     else:
-        run_methods(bart, out)
+        run_methods(bart, out, sys.argv[3].split(",") if len(sys.argv) > 3 else METHODS)
     np.savez(path, **out)
 
 
