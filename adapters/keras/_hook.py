@@ -31,6 +31,7 @@ __all__ = [
     "Teacher",
     "check_labels",
     "count_step",
+    "delta_for_call",
     "is_reverse_call",
     "token_mask_of",
 ]
@@ -50,6 +51,28 @@ def check_labels(method: Any, y: Any) -> None:
             f"{method.label} adds its regulariser to the supervised loss, so fit() needs "
             f"labels (fit(x, y)); for an unlabeled batch use method='vat'. {received(y=None)}"
         )
+
+
+def delta_for_call(site: Any, call: int, x: Any, zeros: Any) -> Any:
+    """mode='output': the delta of call ``call`` of the target in this forward, or ``None``.
+
+    ``site.delta`` is ``None``, one array (every call), a tuple with one array per
+    call (call ``i`` gets ``delta[i % len(delta)]``, as the PyTorch adapter), or a
+    function (a random start): called once per call with ``zeros(x)``, its results
+    kept in ``site._made`` until the next ``set_delta`` / ``clear``.
+    """
+    delta = site.delta
+    if delta is None:
+        return None
+    if isinstance(delta, tuple):
+        return delta[call % len(delta)]
+    if callable(delta):
+        if call < len(site._made):
+            return site._made[call]
+        made = delta(zeros(x))
+        site._made.append(made)
+        return made
+    return delta
 
 
 def run_method(site: Any, closure: Any, config: Any) -> Any:

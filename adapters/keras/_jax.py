@@ -40,7 +40,13 @@ from advgraph._errors import received
 from advgraph._ops import jax_keys
 
 from . import _private
-from ._hook import run_method, StatsBase, check_labels, token_mask_of
+from ._hook import (
+    StatsBase,
+    check_labels,
+    delta_for_call,
+    run_method,
+    token_mask_of,
+)
 from ._schedule import method_now
 
 __all__ = [
@@ -176,7 +182,10 @@ class JaxSite:
         self.delta: Any = None
         self._grad: Any = None
         self._values: Any = None  # site_values(): output mode, the last pass keeping a gradient
-        self._layout: tuple[Any, Any, Any] | None = None
+        self._layout: tuple[Any, Any, Any] | None = None  # over every lookup of a pass
+        self._layout_full = False  # a whole pass has run: the layout covers every lookup
+        self._made: list[Any] = []  # output: what a function gave, one per call
+        self._applied: tuple[Any, Any] | None = None  # matrix: (delta, seg) a function gave
         self._pass: dict[str, Any] | None = None  # scratch of the pass being traced
         self._probe = probe
         # mode='matrix' with no other reader of the matrix: delta[seg] is added to the
@@ -207,56 +216,90 @@ class JaxSite:
         return sub
 
     def on_output(self, x: Any) -> Any:
+        """Each call of the target in a pass: ``z`` of that call (and its delta) added."""
         scratch = self._pass
         assert scratch is not None
         if scratch.get("probe"):
-            scratch["spec"] = x
+            scratch["specs"].append(x)
             return x
         if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(
                 "The target must return one floating-point array (an embedding's vectors). "
                 f"{received(output=type(x).__name__ if not hasattr(x, 'dtype') else str(x.dtype))}"
             )
+        call = scratch["calls"]
         scratch["calls"] += 1
-        if scratch["calls"] > 1:
+        zs = scratch["z"]
+        if call >= len(zs) or tuple(zs[call].shape) != tuple(x.shape):
             raise ValueError(
-                "The target layer ran more than once in one forward; this backend needs one "
-                "call per forward (target a layer called once). "
-                f"{received(target_calls=scratch['calls'])}"
+                "On the JAX backend the target must run the same number of times, with the "
+                "same output shapes, in every forward of a step (they were read from a first "
+                "trace of the forward); make the calls of the target independent of the "
+                "values of the batch, or use the TensorFlow or torch backend. "
+                f"{received(call=call, calls_traced=len(zs), output_shape=tuple(x.shape))}"
             )
-        if self.mode == "matrix" and not self._whole_matrix and self.delta is not None:
-            assert self._layout is not None
-            _, seg, valid = self._layout
-            rows = jnp.where(valid[:, None], self.delta, 0).astype(x.dtype)
-            x = x + jnp.reshape(jnp.take(rows, seg, axis=0), x.shape)  # (E + delta)[ids]
-        if self.mode == "output":  # site_values(): the output without delta
-            scratch["report"]["site_values"] = x
-        x = x + scratch["z"].astype(x.dtype)
+        if self.mode == "matrix":
+            ids = scratch["ids"]
+            if len(ids) != call + 1:  # not a lookup of token ids: no delta here
+                ids.insert(call, None)
+            elif not self._whole_matrix and self._current() is not None:
+                _, seg, valid = self._layout
+                start = scratch["offset"]
+                count = ids[call].shape[0]
+                rows = jnp.where(valid[:, None], self._current(), 0).astype(x.dtype)
+                part = jax.lax.slice_in_dim(seg, start, start + count)
+                x = x + jnp.reshape(jnp.take(rows, part, axis=0), x.shape)  # (E + delta)[ids]
+            scratch["offset"] += 0 if ids[call] is None else ids[call].shape[0]
+        if self.mode == "output":  # site_values(): the output without delta, per call
+            scratch["report"].setdefault("site_values", []).append(x)
+        x = x + zs[call].astype(x.dtype)
         if self.mode == "output":
-            if callable(self.delta):  # a random start: shaped like the output
-                self.delta = self.delta(jnp.zeros(x.shape, self._widened(x.dtype)))
-            if self.delta is not None:
-                x = x + self.delta.astype(x.dtype)
+            zeros = lambda like: jnp.zeros(like.shape, self._widened(like.dtype))  # noqa: E731
+            delta = delta_for_call(self, call, x, zeros)
+            if delta is not None:
+                x = x + delta.astype(x.dtype)
         return x
 
     def before_lookup(self, inputs: Any) -> None:
+        """Before a lookup: its ids. The layout covers the ids of every lookup of the
+        pass (an encoder-decoder's, a bi-encoder's calls); a delta given as a function
+        is drawn for the rows known so far, again for the union when a later lookup
+        adds ids (the rows perturbed already keep their values)."""
         scratch = self._pass
         assert scratch is not None
         if scratch.get("probe") or self.mode != "matrix":
             return
         if not hasattr(inputs, "dtype") or not jnp.issubdtype(inputs.dtype, jnp.integer):
             return
-        if self._layout is None:
-            self._layout = _layout(jnp.reshape(inputs, (-1,)))
-        uids, _, valid = self._layout
+        ids = scratch["ids"]
+        ids.append(jnp.reshape(inputs, (-1,)))
+        flat = [i for i in ids if i is not None]
+        total = sum(i.shape[0] for i in flat)
+        if not self._layout_full:  # the first pass of the step: the lookups so far
+            self._layout = _layout(flat[0] if len(flat) == 1 else jnp.concatenate(flat))
+        uids, seg, valid = self._layout
         var = _embeddings(self.layer)
-        matrix = var.value
+        if "matrix" not in scratch:
+            scratch["matrix"] = var.value  # before any delta of this pass
+        matrix = scratch["matrix"]
         if callable(self.delta):
             like = jnp.zeros((uids.shape[0], matrix.shape[1]), self._widened(matrix.dtype))
-            self.delta = self.delta(like)
-        if self.delta is not None and self._whole_matrix:
-            rows = jnp.where(valid[:, None], self.delta, 0).astype(matrix.dtype)
+            delta = self.delta(like)
+            if self._applied is not None:  # rows of earlier lookups keep their delta
+                old, old_seg = self._applied
+                earlier = seg[: old_seg.shape[0]]
+                delta = delta.at[earlier].set(jnp.take(old, old_seg, axis=0).astype(delta.dtype))
+            self._applied = (delta, seg[:total])
+        current = self._current()
+        if current is not None and self._whole_matrix:
+            rows = jnp.where(valid[:, None], current, 0).astype(matrix.dtype)
             var.assign(matrix.at[uids].add(rows))  # in the call's StatelessScope only
+
+    def _current(self) -> Any:
+        """mode='matrix': the delta of the rows (a function's draw once made), or None."""
+        if callable(self.delta):
+            return None if self._applied is None else self._applied[0]
+        return self.delta
 
     @staticmethod
     def _widened(dtype: Any) -> Any:
@@ -265,20 +308,24 @@ class JaxSite:
     # -- one pass --------------------------------------------------------------------
     def _spec_of_output(self) -> Any:
         if self._spec is None:
-            self._pass = {"probe": True, "trainable": self.trainable, "report": {}}
+            self._pass = {"probe": True, "trainable": self.trainable, "report": {}, "specs": []}
             try:
                 self._probe()
             finally:
-                spec = self._pass.get("spec")
+                specs = self._pass["specs"]
                 self._pass = None
-            if spec is None:
+            if not specs:
                 raise ValueError(
                     "The forward of the training step did not run the target layer, so there "
                     "is no perturbation site. Train the model returned by advgraph.wrap(). "
                     f"{received(target_calls=0)}"
                 )
-            self._spec = jax.ShapeDtypeStruct(spec.shape, spec.dtype)
+            self._spec = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in specs]
         return self._spec
+
+    def _zeros(self) -> tuple[Any, ...]:
+        """``z``: one zero per call of the target, its gradient the gradient there."""
+        return tuple(jnp.zeros(spec.shape, spec.dtype) for spec in self._spec_of_output())
 
     def _run_pass(
         self,
@@ -290,13 +337,17 @@ class JaxSite:
         raw: bool = False,
     ) -> tuple[Any, tuple[Any, dict[str, Any]]]:
         """One forward; ``raw=True``: the closure's output as it is (no loss checks)."""
-        self._pass = {"trainable": trainable, "z": z, "calls": 0, "report": {}}
+        self._pass = {"trainable": trainable, "z": z, "calls": 0, "report": {}, "ids": [], "offset": 0}
         try:
             out = closure()
             calls = self._pass["calls"]
             report = self._pass["report"]
         finally:
             self._pass = None
+        if self.mode == "matrix" and calls:
+            self._layout_full = True
+            if callable(self.delta) and self._applied is not None:
+                self.delta, self._applied = self._applied[0], None  # the draw is kept
         if calls == 0:
             raise ValueError(
                 "The forward of the training step did not run the target layer, so there is "
@@ -330,8 +381,7 @@ class JaxSite:
         allow_none: bool = False,
         keep_grad: bool = True,
     ) -> Any:
-        spec = self._spec_of_output()
-        z = jnp.zeros(spec.shape, spec.dtype)
+        z = self._zeros()
 
         def f(trainable: list[Any], z: Any) -> Any:
             return self._run_pass(closure, trainable, z, scale, allow_none)
@@ -350,7 +400,8 @@ class JaxSite:
             return None
         if keep_grad:
             self._grad = self._to_site(grads[1])
-            self._values = report.get("site_values")
+            values = report.get("site_values")
+            self._values = None if not values else values[0] if len(values) == 1 else tuple(values)
         if param_grads:
             new = grads[0]
             if self.param_grads is None:
@@ -373,11 +424,20 @@ class JaxSite:
             self.non_trainable = non_trainable
 
     def _to_site(self, grad_z: Any) -> Any:
+        """One gradient per call (a tuple when the target ran several times) in
+        mode='output'; mode='matrix': every lookup's gradient summed per row."""
         if self.mode == "output":
-            return grad_z
+            return grad_z[0] if len(grad_z) == 1 else tuple(grad_z)
         assert self._layout is not None
         _, seg, _ = self._layout
-        flat = jnp.reshape(grad_z, (-1, grad_z.shape[-1]))
+        flat = [jnp.reshape(g, (-1, g.shape[-1])) for g in grad_z]
+        flat = flat[0] if len(flat) == 1 else jnp.concatenate(flat)
+        if flat.shape[0] != seg.shape[0]:
+            raise ValueError(
+                "On the JAX backend, mode='matrix' needs every call of the target to be a "
+                "lookup of integer token ids; use mode='output'. "
+                f"{received(positions=flat.shape[0], ids=seg.shape[0])}"
+            )
         return jax.ops.segment_sum(flat, seg, num_segments=flat.shape[0])
 
     def site_grad(self) -> Any:
@@ -391,9 +451,11 @@ class JaxSite:
 
     def set_delta(self, delta: Any) -> None:
         self.delta = delta
+        self._made = []
+        self._applied = None
 
     def clear(self) -> None:
-        self.delta = None  # functional: no stored value was changed
+        self.delta, self._made, self._applied = None, [], None  # nothing stored changed
 
     def count_step(self, plain: bool = False) -> None:
         self.counts = self.counts.at[1 if plain else 0].add(1)
@@ -420,8 +482,7 @@ class JaxSite:
     def penalty_backward(self, closure: Callable[[], Any], penalty: Callable[[Any], Any]) -> Any:
         """gp: ``grad`` of the loss w.r.t. ``z`` inside the ``value_and_grad`` over the
         trainable values (a double backward)."""
-        spec = self._spec_of_output()
-        z = jnp.zeros(spec.shape, spec.dtype)
+        z = self._zeros()
 
         def f(trainable: list[Any]) -> Any:
             def inner(z: Any) -> Any:
@@ -442,14 +503,14 @@ class JaxSite:
     ) -> Any:
         """r3f / smart: the forwards inside one ``value_and_grad``; non-trainable
         states chain from one forward to the next, as on the other backends."""
-        spec = self._spec_of_output()
-        z = jnp.zeros(spec.shape, spec.dtype)
+        z = self._zeros()
         start = self.non_trainable
 
         def f(trainable: list[Any]) -> Any:
             outs, reports = [], []
             try:
                 for delta in deltas:
+                    self.clear()
                     self.delta = delta
                     _, (out, report) = self._run_pass(closure, trainable, z, 1.0, True, raw=True)
                     outs.append(out)
@@ -457,7 +518,7 @@ class JaxSite:
                     self._chain(report)
             finally:
                 self.non_trainable = start
-                self.delta = None
+                self.clear()
             total = _check_loss(objective(outs))
             return self._scaled(total), (total, reports)
 
@@ -469,8 +530,7 @@ class JaxSite:
 
     def forward_only(self, closure: Callable[[], Any], *, teacher: bool = False) -> Any:
         """A forward of the current values (``teacher=True``: the teacher's), no gradient."""
-        spec = self._spec_of_output()
-        z = jnp.zeros(spec.shape, spec.dtype)
+        z = self._zeros()
         values = self.teacher_values() if teacher else self.trainable
         _, (out, report) = self._run_pass(closure, values, z, 1.0, True, raw=True)
         if not teacher:  # the teacher's forward leaves the model's states alone
@@ -510,7 +570,7 @@ class JaxSite:
                 "a weight site); in mode='matrix', or before a forward_backward() that kept "
                 f"a gradient, there is none. {received(mode=self.mode)}"
             )
-        return jax.lax.stop_gradient(self._values)
+        return jax.tree_util.tree_map(jax.lax.stop_gradient, self._values)
 
 
 class WeightSite(JaxSite):

@@ -54,7 +54,15 @@ import tensorflow as tf
 from advgraph._delta import DeltaResult
 from advgraph._errors import received
 
-from ._hook import STAT_KEYS, Perturbation, SiteHook, StatsBase, is_reverse_call, token_mask_of
+from ._hook import (
+    STAT_KEYS,
+    Perturbation,
+    SiteHook,
+    StatsBase,
+    delta_for_call,
+    is_reverse_call,
+    token_mask_of,
+)
 
 __all__ = ["Stats", "SiteHook", "OutputSite", "MatrixSite", "WeightSite", "Perturbation", "add_grads"]
 
@@ -344,7 +352,8 @@ class OutputSite(_KerasSite):
 
     def __init__(self, model: keras.Model, stats: Stats) -> None:
         super().__init__(model, stats)
-        self.delta: Any = None
+        self.delta: Any = None  # an array, a tuple (one per call), a function or None
+        self._made: list[Any] = []  # what a function gave, one per call
         self._captured: list[Any] = []
         self._values: Any = None  # site_values()
 
@@ -352,7 +361,7 @@ class OutputSite(_KerasSite):
         self._captured = []
 
     def on_output(self, x: Any) -> Any:
-        """Called with the target's output during a forward of this step."""
+        """Called with the target's output during a forward of this step (each call)."""
         if not tf.is_tensor(x):
             raise ValueError(
                 "mode='output' needs a target layer that returns one tensor. "
@@ -364,11 +373,11 @@ class OutputSite(_KerasSite):
                 f"embedding's vectors). {received(output_dtype=x.dtype.name)}"
             )
         self._tape.watch(x)  # also when the embedding is frozen
+        call = len(self._captured)
         self._captured.append(x)
-        if callable(self.delta):  # a random start: its shape is known only now
-            self.delta = self.delta(tf.zeros_like(x))
-        if self.delta is not None:
-            x = x + tf.cast(self.delta, x.dtype)
+        delta = delta_for_call(self, call, x, lambda like: tf.zeros_like(like))
+        if delta is not None:
+            x = x + tf.cast(delta, x.dtype)
         return x
 
     def _sources(self) -> list[Any]:
@@ -378,37 +387,37 @@ class OutputSite(_KerasSite):
                 "no perturbation site. Train the model returned by advgraph.wrap(). "
                 f"{received(target_calls=0)}"
             )
-        if len(self._captured) > 1:
-            raise ValueError(
-                "The target layer ran more than once in one forward; mode='output' needs one "
-                "call per forward (use mode='matrix', or target a layer called once). "
-                f"{received(target_calls=len(self._captured))}"
-            )
         return self._captured
 
     def _take_grad(self, grads: list[Any]) -> None:
-        grad = grads[0]
-        if grad is None:  # the loss does not depend on the embedding: delta = 0
-            grad = tf.zeros_like(self._captured[0])
-        self._grad = tf.convert_to_tensor(grad)
-        self._values = self._captured[0]
+        # One gradient per call of the target (a tuple when it ran several times).
+        parts = tuple(
+            tf.zeros_like(x) if g is None else tf.convert_to_tensor(g)  # None: delta = 0
+            for x, g in zip(self._captured, grads)
+        )
+        self._grad = parts[0] if len(parts) == 1 else parts
+        captured = tuple(self._captured)
+        self._values = captured[0] if len(captured) == 1 else captured
 
     def site_values(self) -> Any:
-        """The target's output (without delta) in the last pass that kept a gradient."""
+        """The target's output (without delta) in the last pass that kept a gradient
+        (a tuple, one per call, when the target ran several times)."""
         if self._values is None:
             raise RuntimeError(
                 "No values at the perturbation site: site_values() reads the target's output "
                 "of the last forward_backward() that kept a gradient, before any set_delta() "
                 f"or clear(). {received(recorded_values=0)}"
             )
-        return tf.stop_gradient(self._values)
+        return tf.nest.map_structure(tf.stop_gradient, self._values)
 
     def set_delta(self, delta: Any) -> None:
         self.delta = delta
+        self._made = []
         self._values = None
 
     def clear(self) -> None:
         self.delta = None
+        self._made = []
         self._values = None
 
 
@@ -444,6 +453,8 @@ class MatrixSite(_KerasSite):
         self._saved: Any = None  # rows (or matrix) saved before the installed delta
         self._saved_ids: Any = None
         self._pending: Callable[[Any], Any] | None = None
+        self._applied: tuple[Any, Any] | None = None  # (delta, seg) the function gave
+        self._pass_ids: list[Any] = []
         self._lookups: list[tuple[Any, Any]] = []
         self._next_ids: Any = None
 
@@ -461,6 +472,9 @@ class MatrixSite(_KerasSite):
         self._lookups = []  # (ids, output) of each lookup in this pass
         self._next_ids = None
         self._offset = 0
+        self._pass_ids = []  # flat ids of this pass's lookups so far (a pending delta)
+        if self._applied is not None:  # a function's delta, drawn in the last pass: kept
+            self._pending = self._applied = None
 
     def _functional(self) -> bool:
         ctx = tf.distribute.get_replica_context()
@@ -575,28 +589,48 @@ class MatrixSite(_KerasSite):
         var.scatter_update(tf.IndexedSlices(rows, self._ids))
 
     def before_lookup(self, inputs: Any) -> None:
-        """Before the embedding's lookup: its ids; materialise a delta given as a function."""
+        """Before the embedding's lookup: its ids; materialise a delta given as a function.
+
+        The function gets zeros for the rows touched so far in the pass. When a later
+        lookup of the same pass (an encoder-decoder's decoder, a bi-encoder's second
+        encoder) touches more ids, it is called again with zeros for the union of
+        rows; the rows perturbed already keep the values they were perturbed by (a
+        method keeping the function's last array sees new draws on those rows only
+        in that first pass).
+        """
         if not tf.is_tensor(inputs) or not inputs.dtype.is_integer:
             return
         self._next_ids = inputs
         if self._pending is None:
             return
-        fn, self._pending = self._pending, None
         ids = tf.reshape(inputs, [-1])
         ctx = tf.distribute.get_replica_context()
         if ctx is not None and ctx.num_replicas_in_sync > 1:
             ids = ctx.all_gather(ids, axis=0)  # the rows of the whole global batch
+        self._pass_ids.append(ids)
+        ids = ids if len(self._pass_ids) == 1 else tf.concat(self._pass_ids, axis=0)
         self._ids, self._seg, num = self._layout(ids)
         self._dense = False
         var = self.variable
         dtype = tf.float32 if var.dtype in (tf.float16, tf.bfloat16) else var.dtype
-        self._install(fn(tf.zeros(tf.stack([num, var.shape[1]]), dtype)))
+        delta = tf.convert_to_tensor(self._pending(tf.zeros(tf.stack([num, var.shape[1]]), dtype)))
+        if self._applied is not None:  # rows of earlier lookups keep their delta
+            old, old_seg = self._applied
+            earlier = tf.slice(self._seg, [0], tf.shape(old_seg))
+            delta = tf.tensor_scatter_nd_update(
+                delta, earlier[:, None], tf.gather(tf.cast(old, delta.dtype), old_seg)
+            )
+        self._applied = (delta, self._seg)
+        self._install(delta)
 
     def set_delta(self, delta: Any) -> None:
+        self._applied = None
         if callable(delta):  # installed by the next lookup, which knows the rows
             self._restore()
+            self.rows_delta = None
             self._pending = delta
             return
+        self._pending = None
         if self._ids is None and not self._dense:
             raise RuntimeError(
                 "set_delta() before any gradient at the site: the rows to perturb are not "
@@ -605,7 +639,7 @@ class MatrixSite(_KerasSite):
         self._install(delta)
 
     def clear(self) -> None:
-        self._pending = None
+        self._pending = self._applied = None
         self.rows_delta = None
         self._restore()
 

@@ -25,7 +25,13 @@ from advgraph._delta import DeltaResult
 from advgraph._errors import received
 
 from . import _private
-from ._hook import run_method, StatsBase, check_labels, token_mask_of
+from ._hook import (
+    StatsBase,
+    check_labels,
+    delta_for_call,
+    run_method,
+    token_mask_of,
+)
 from ._schedule import method_now
 
 __all__ = ["Stats", "TorchSite", "WeightSite", "adversarial_gradients", "make_stats", "train_step"]
@@ -90,55 +96,77 @@ class TorchSite:
         self.mode = mode
         self.variables = list(model.trainable_variables)
         self.param_grads: list[Any] | None = None
-        self.delta: Any = None
+        self.delta: Any = None  # an array, a tuple (one per call), a function or None
+        self._made: list[Any] = []  # output: what a function gave, one per call
         self._grad: Any = None
         self._values: Any = None  # site_values(): output mode
         self._pass: list[Any] | None = None  # target outputs captured in this pass
-        self._rows: tuple[Any, Any] | None = None  # matrix: (uids, seg)
-        self._saved: Any = None  # matrix: rows saved before the installed delta
+        self._rows: tuple[Any, Any] | None = None  # matrix: (uids, seg) of every lookup
+        self._saved: Any = None  # matrix: (uids, rows saved before the installed delta)
+        self._pass_ids: list[Any] = []  # matrix: flat ids of each lookup of the pass
+        self._next_ids: Any = None
+        self._applied: Any = None  # matrix: (uids, delta) a function gave in this pass
 
     # -- the hook ----------------------------------------------------------------------
     def in_pass(self) -> bool:
         return self._pass is not None
 
     def on_output(self, x: Any) -> Any:
+        """Each call of the target in a pass: its output (one delta per call)."""
         assert self._pass is not None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(
                 "The target must return one floating-point tensor (an embedding's vectors). "
                 f"{received(output=type(x).__name__ if not isinstance(x, torch.Tensor) else str(x.dtype))}"
             )
-        if self._pass:
-            raise ValueError(
-                "The target layer ran more than once in one forward; this backend needs one "
-                f"call per forward (target a layer called once). {received(target_calls=len(self._pass) + 1)}"
-            )
+        if self.mode == "matrix":
+            ids, self._next_ids = self._next_ids, None
+            if ids is None:  # not a lookup of token ids: no site here
+                return x
+            self._pass_ids.append(ids)
         if not x.requires_grad:  # a frozen embedding: still differentiate at its output
             x = x.detach().requires_grad_(True)
+        call = len(self._pass)
         self._pass.append(x)
         if self.mode == "output":
-            if callable(self.delta):
-                self.delta = self.delta(torch.zeros_like(x, dtype=self._widened(x.dtype)))
-            if self.delta is not None:
-                x = x + self.delta.to(x.dtype)
+            zeros = lambda like: torch.zeros_like(like, dtype=self._widened(like.dtype))  # noqa: E731
+            delta = delta_for_call(self, call, x, zeros)
+            if delta is not None:
+                x = x + delta.to(x.dtype)
         return x
 
     def before_lookup(self, inputs: Any) -> None:
+        """Before a lookup: its ids; materialise a delta given as a function.
+
+        The function gets zeros for the rows touched so far in the pass; when a later
+        lookup of the pass (a decoder, a second encoder) touches more ids, it is
+        called again for the union and the rows perturbed already keep their values,
+        written into the array it returned (as the PyTorch adapter does).
+        """
         if self.mode != "matrix" or not isinstance(inputs, torch.Tensor):
             return
         if inputs.is_floating_point() or inputs.is_complex():
             return
-        if self._rows is None:
-            uids, seg = torch.unique(inputs.reshape(-1), sorted=True, return_inverse=True)
-            self._rows = (uids, seg)
-        if callable(self.delta):
-            matrix = self._matrix()
-            like = torch.zeros(
-                (self._rows[0].shape[0], matrix.shape[1]),
-                dtype=self._widened(matrix.dtype),
-                device=matrix.device,
-            )
-            self._install(self.delta(like))
+        self._next_ids = inputs.reshape(-1)
+        if not callable(self.delta):
+            return
+        ids = torch.cat(self._pass_ids + [self._next_ids])
+        uids, seg = torch.unique(ids, sorted=True, return_inverse=True)
+        matrix = self._matrix()
+        if self._applied is not None:
+            old_uids, old = self._applied
+            if old_uids.shape == uids.shape and torch.equal(old_uids, uids):
+                return
+        like = torch.zeros(
+            (uids.shape[0], matrix.shape[1]), dtype=self._widened(matrix.dtype), device=matrix.device
+        )
+        delta = self.delta(like)
+        if self._applied is not None:
+            with torch.no_grad():
+                delta[torch.searchsorted(uids, old_uids.to(uids.device))] = old.to(delta.dtype)
+        self._rows = (uids, seg)
+        self._applied = (uids, delta)
+        self._write(delta)
 
     @staticmethod
     def _widened(dtype: Any) -> Any:
@@ -150,19 +178,25 @@ class TorchSite:
 
     def _restore(self) -> None:
         if self._saved is not None:
-            uids = self._rows[0]
+            uids, saved = self._saved
             with torch.no_grad():
-                self._matrix().data[uids] = self._saved
+                self._matrix().data[uids] = saved
             self._saved = None
 
-    def _install(self, delta: Any) -> None:
-        self.delta = delta
+    def _write(self, delta: Any) -> None:
+        """Rows ``uids`` of the layout <- their saved values + delta (saved first)."""
         self._restore()
         uids = self._rows[0]
         with torch.no_grad():
             data = self._matrix().data
-            self._saved = data[uids].clone()
-            data[uids] = self._saved + delta.to(data.dtype)
+            saved = data[uids].clone()
+            self._saved = (uids, saved)
+            data[uids] = saved + delta.to(data.dtype)
+
+    def _install(self, delta: Any) -> None:
+        self.delta = delta
+        self._applied = None
+        self._write(delta)
 
     # -- Site interface ----------------------------------------------------------------
     def forward_backward(
@@ -188,9 +222,10 @@ class TorchSite:
         else:
             grads = ()
         if keep_grad:
-            self._grad = self._to_site(grads[0], captured[0])
-            if self.mode == "output":  # site_values(): the output without delta
-                self._values = captured[0].detach()
+            self._grad = self._to_site(grads[: len(sources)], captured)
+            if self.mode == "output":  # site_values(): the output without delta, per call
+                values = tuple(c.detach() for c in captured)
+                self._values = values[0] if len(values) == 1 else values
         if param_grads:
             new = list(grads[len(sources) :])
             if self.param_grads is None:
@@ -202,14 +237,17 @@ class TorchSite:
                 ]
         return loss.detach()
 
-    def _to_site(self, grad: Any, like: torch.Tensor) -> torch.Tensor:
-        if grad is None:
-            grad = torch.zeros_like(like)
+    def _to_site(self, grads: Any, captured: list[Any]) -> Any:
+        """The gradient at the site: one per call (a tuple when the target ran several
+        times) in mode='output'; mode='matrix': the lookup gradients of every call
+        summed per row of the union of their ids."""
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, captured)]
         if self.mode == "output":
-            return grad
-        assert self._rows is not None
-        uids, seg = self._rows
-        flat = grad.reshape(-1, grad.shape[-1])
+            return grads[0] if len(grads) == 1 else tuple(grads)
+        ids = torch.cat(self._pass_ids) if len(self._pass_ids) > 1 else self._pass_ids[0]
+        uids, seg = torch.unique(ids, sorted=True, return_inverse=True)
+        self._rows = (uids, seg)
+        flat = torch.cat([g.reshape(-1, g.shape[-1]) for g in grads])
         rows = torch.zeros((uids.shape[0], flat.shape[1]), dtype=flat.dtype, device=flat.device)
         return rows.index_add_(0, seg.to(flat.device), flat)
 
@@ -223,6 +261,8 @@ class TorchSite:
         return grad
 
     def set_delta(self, delta: Any) -> None:
+        self._made = []
+        self._applied = None
         self._values = None
         if self.mode == "output" or callable(delta):
             self._restore()
@@ -237,6 +277,8 @@ class TorchSite:
 
     def clear(self) -> None:
         self.delta = None
+        self._made = []
+        self._applied = None
         self._values = None
         self._restore()
 
@@ -250,7 +292,11 @@ class TorchSite:
     mask: Any = None  # set by the hook: a function giving the target's Keras mask
 
     def _forward(self, closure: Callable[[], Any]) -> tuple[Any, list[Any]]:
+        if self.mode == "matrix" and self._applied is not None:
+            self.delta, self._applied = self._applied[1], None  # a function's draw: kept
         self._pass = []
+        self._pass_ids = []
+        self._next_ids = None
         try:
             out = closure()
             captured = self._pass
@@ -279,8 +325,8 @@ class TorchSite:
         """gp: the site's gradient with ``create_graph=True``, then one backward."""
         out, captured = self._forward(closure)
         loss = _check_loss(out)
-        (grad,) = torch.autograd.grad(loss, captured[:1], create_graph=True, allow_unused=True)
-        total = loss + penalty(self._to_site(grad, captured[0])).to(loss.dtype)
+        grads = torch.autograd.grad(loss, captured, create_graph=True, allow_unused=True)
+        total = loss + penalty(self._to_site(grads, captured)).to(loss.dtype)
         self._backward_params(total)
         return loss.detach()
 

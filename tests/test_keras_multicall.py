@@ -1,0 +1,166 @@
+"""Keras: a target layer called several times in one forward (issue 18).
+
+A bi-encoder (one encoder sub-model, with its Embedding, run on two inputs) and
+keras-hub's ``BartSeq2SeqLM`` (encoder and decoder share the token embedding),
+on every Keras backend, each in a subprocess (the backend is fixed per process):
+
+- FGM on the bi-encoder gives, in mode='output', each call its own delta from its
+  own gradient (``delta_c = eps * g_c / ||g_c||`` per sample) and, in mode='matrix',
+  perturbs the union of the rows both calls looked up by the lookup gradient summed
+  over the calls (global norm). The updated weights match a reference written by
+  hand with torch autograd in float64 (no advgraph), and the three backends agree,
+  within 1e-5 (float32 arithmetic over a handful of operations).
+- Every method trains one step of both models with a learning rate of 0: the step
+  completes and every weight is byte-identical afterwards (nothing left perturbed).
+  A refusal must be a ValueError that names the backend and what to do instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BACKENDS = ("tensorflow", "jax", "torch")
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+sys.path.insert(0, HERE)
+import _keras_multicall_worker as worker  # noqa: E402
+
+torch = pytest.importorskip("torch")
+
+
+def _run(backend: str, part: str, tmp_path, *extra: str) -> dict[str, np.ndarray]:
+    out = tmp_path / f"{backend}-{part}.npz"
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "_keras_multicall_worker.py"), str(out), part, *extra],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    with np.load(out) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _forward(E, W1, b1, W2, b2, a, b, delta_a=None, delta_b=None):
+    """The bi-encoder by hand; returns the loss and each call's embedding output."""
+    ha, hb = E[a], E[b]
+    if delta_a is not None:
+        ha, hb = ha + delta_a, hb + delta_b
+    ea = torch.tanh(ha.mean(1) @ W1 + b1)
+    eb = torch.tanh(hb.mean(1) @ W1 + b1)
+    logits = torch.cat([ea, eb, ea * eb], dim=1) @ W2 + b2
+    return logits, ha, hb
+
+
+def fgm_reference(mode: str) -> list[np.ndarray]:
+    """One FGM step (objective clean+adv, SGD) of the worker's bi-encoder, by hand."""
+    d = worker.data()
+    params = [torch.tensor(d[k], dtype=torch.float64, requires_grad=True) for k in ("E", "W1", "b1", "W2", "b2")]
+    a, b = torch.tensor(d["a"]).long(), torch.tensor(d["b"]).long()
+    y = torch.tensor(d["y"]).long()
+    ce = torch.nn.functional.cross_entropy
+
+    logits, ha, hb = _forward(*params, a, b)
+    ha.retain_grad(), hb.retain_grad()
+    ce(logits, y).backward()
+    clean = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    if mode == "output":  # one delta per call, per sample
+        ga, gb = ha.grad, hb.grad
+        da = worker.EPS * ga / ga.flatten(1).norm(dim=1)[:, None, None]
+        db = worker.EPS * gb / gb.flatten(1).norm(dim=1)[:, None, None]
+        logits, _, _ = _forward(*params, a, b, da, db)
+    else:  # rows of both calls, lookup gradient summed over the calls, global norm
+        rows = torch.unique(torch.cat([a.flatten(), b.flatten()]))
+        g = clean[0][rows]  # no other reader of E: its gradient is the lookup gradient
+        delta = torch.zeros_like(params[0])
+        delta[rows] = worker.EPS * g / g.norm()
+        E_adv = params[0] + delta.detach()
+        logits, _, _ = _forward(E_adv, *params[1:], a, b)
+    ce(logits, y).backward()
+    return [
+        (p - worker.LR * (c + p.grad)).detach().numpy() for p, c in zip(params, clean)
+    ]
+
+
+@pytest.fixture(scope="module")
+def fgm_runs(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
+    tmp = tmp_path_factory.mktemp("multicall")
+    return {backend: _run(backend, "fgm", tmp) for backend in BACKENDS}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_fgm_per_call_matches_the_hand_written_reference(fgm_runs, backend: str, mode: str) -> None:
+    expected = fgm_reference(mode)
+    run = fgm_runs[backend]
+    got = [run[f"{mode}/{i}"] for i in range(len(expected))]
+    start = worker.data()
+    # The step moved the embedding (the reference is not the starting point).
+    assert not np.allclose(expected[0], start["E"], atol=1e-3)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, **TOL)
+    # ``steps`` counts the deltas computed: one per call in output mode, one in matrix.
+    assert int(run[f"{mode}/steps"]) == (2 if mode == "output" else 1)
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_fgm_per_call_is_the_same_update_on_every_backend(fgm_runs, mode: str) -> None:
+    first = fgm_runs[BACKENDS[0]]
+    for backend in BACKENDS[1:]:
+        for key in first:
+            if key.startswith(mode + "/"):
+                np.testing.assert_allclose(fgm_runs[backend][key], first[key], **TOL)
+
+
+def test_output_mode_differs_from_one_delta_for_both_calls() -> None:
+    """The reference itself tells the modes apart (a check of the check)."""
+    out, mat = fgm_reference("output"), fgm_reference("matrix")
+    assert not np.allclose(out[1], mat[1], atol=1e-4)
+
+
+def _check_methods(run: dict[str, np.ndarray], backend: str, methods=worker.METHODS) -> None:
+    ran = 0
+    for method in methods:
+        for mode in ("output",) if method == "awp" else ("output", "matrix"):
+            key = f"{method}-{mode}"
+            if f"{key}/refused" in run:
+                message = str(run[f"{key}/refused"])
+                if key == "neftune-matrix":  # noise on the output only, on every backend
+                    assert "Use mode='output'" in message, message
+                else:
+                    assert backend in message and "use mode=" in message, (key, message)
+                continue
+            assert bool(run[f"{key}/ok"]), f"{key}: a weight changed (lr=0)"
+            assert np.isfinite(run[f"{key}/loss"]), key
+            assert int(run[f"{key}/steps"]) >= 1, key
+            ran += 1
+    # neftune refuses matrix everywhere; torch refuses r3f / smart on a tied matrix (BART).
+    assert ran >= 2 * len(methods) - 4, ran
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_method_trains_the_bi_encoder(backend: str, tmp_path) -> None:
+    _check_methods(_run(backend, "bi-methods", tmp_path), backend)
+
+
+# BART on JAX compiles one jitted step per method and mode (minutes each on a shared
+# 2-core CPU): there the methods with distinct site paths run (one delta per pass,
+# a random start over the union of rows, the double backward, the joint backward).
+BART_JAX = ("fgm", "freelb", "gp", "r3f")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_method_trains_bart(backend: str, tmp_path) -> None:
+    pytest.importorskip("keras_hub")
+    methods = BART_JAX if backend == "jax" else worker.METHODS
+    _check_methods(_run(backend, "bart-methods", tmp_path, ",".join(methods)), backend, methods)
