@@ -144,3 +144,24 @@ def test_mkdocs_build_strict(tmp_path):
         assert name in api, name
     pgd = (tmp_path / "site" / "methods" / "pgd" / "index.html").read_text(encoding="utf-8")
     assert "random_init" in pgd and "4 pass(es) per step" in pgd  # the generated knob table
+
+
+def test_every_promise_names_tests_that_exist():
+    """docs/promises.md lists, under each promise, the tests that check it: every
+    promise names at least one, and each named ``file::test`` is a test function of
+    that file under ``tests/`` (a renamed or deleted test fails here)."""
+    text = (ROOT / "docs" / "promises.md").read_text(encoding="utf-8")
+    promised = text.split("## Promised", 1)[1].split("\n## ", 1)[0]
+    promises = [p for p in re.split(r"^- ", promised, flags=re.M)[1:]]
+    assert len(promises) >= 10, len(promises)
+    for promise in promises:
+        title = promise.split(".**", 1)[0].strip("*")
+        assert "*Tested by:*" in promise, f"promise {title!r} names no test"
+        named = re.findall(r"`([\w/]+\.py)::(\w+)`", promise.split("*Tested by:*", 1)[1])
+        assert named, f"promise {title!r} names no `file::test`"
+        for path, test in named:
+            source = ROOT / "tests" / path
+            assert source.is_file(), f"{title!r}: tests/{path} does not exist"
+            assert re.search(rf"^\s*def {test}\(", source.read_text(encoding="utf-8"), re.M), (
+                f"{title!r}: tests/{path} has no test {test}"
+            )

@@ -117,6 +117,10 @@ def test_quickstart_example():
 def test_every_example_is_run_here_and_listed_in_readme():
     tests = Path(__file__).read_text()
     readme = (ROOT / "README.md").read_text()
+    guide = (ROOT / "docs" / "getting-started.md").read_text()  # the table of what each shows
     for example in sorted(EXAMPLES.glob("*.py")):
         assert f'"{example.name}"' in tests, f"{example.name} has no test here"
         assert f"examples/{example.name}" in readme, f"{example.name} is not listed in README.md"
+        assert f"| `python examples/{example.name}` |" in guide or f"examples/{example.name}` |" in guide, (
+            f"{example.name} is not in the examples table of docs/getting-started.md"
+        )
