@@ -527,7 +527,7 @@ def _output_site_class():
         from advgraph.adapters.keras._torch import TorchSite
 
         return TorchSite
-    from advgraph.adapters.keras._site import OutputSite
+    from advgraph.adapters.keras._tf import OutputSite
 
     return OutputSite
 

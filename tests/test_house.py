@@ -71,3 +71,22 @@ def test_every_builtin_method_lives_in_its_own_module():
     for cls in advgraph.methods.BUILTIN.values():
         module = cls.__module__.rsplit(".", 1)[-1]
         assert module.startswith("_") and module[1:] in (cls.name, "fgm"), (cls, module)
+
+
+def test_keras_backends_are_symmetric_one_module_each_behind_one_interface():
+    """One module per Keras backend, holding its sites and its step, each exporting the
+    declared interface (read from the source: no backend is imported here)."""
+    adapter = (ROOT / "adapters" / "keras" / "_adapter.py").read_text()
+    backends = ast.literal_eval(adapter.split("_BACKENDS = ", 1)[1].split("\n", 1)[0])
+    interface = ast.literal_eval(adapter.split("BACKEND_INTERFACE = ", 1)[1].split("\n", 1)[0])
+    assert sorted(backends) == ["jax", "tensorflow", "torch"]
+    for module in backends.values():
+        tree = ast.parse((ROOT / "adapters" / "keras" / f"{module}.py").read_text())
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        exported = next(
+            ast.literal_eval(n.value) for n in tree.body
+            if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "__all__"
+        )
+        for name in interface:
+            assert name in defined and name in exported, (module, name)
+    assert not (ROOT / "adapters" / "keras" / "_site.py").exists()  # TF's sites live in _tf.py

@@ -26,7 +26,7 @@ keras = pytest.importorskip("keras")
 
 import advgraph  # noqa: E402
 import advgraph.methods._common as methods  # noqa: E402
-from advgraph.adapters.keras import _site as keras_site  # noqa: E402
+from advgraph.adapters.keras import _tf as keras_site  # noqa: E402
 
 LR = 0.3
 EPS = 0.6

@@ -25,7 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
 import advgraph  # noqa: E402
-from advgraph.adapters.keras import _site as keras_site  # noqa: E402
+from advgraph.adapters.keras import _tf as keras_site  # noqa: E402
 
 SETTINGS = settings(
     max_examples=8,

@@ -71,8 +71,19 @@ _PUBLIC_ATTRS = ("advgraph_stats", "advgraph_route", "advgraph_target", "advgrap
 _METHOD_ATTRS = ("train_step", "fit", "get_config", "make_train_function")
 
 
-# Keras backend -> the module of its train step, sites and counters.
+# Keras backend -> its module: one per backend, each holding its sites and its step
+# behind the same declared interface (BACKEND_INTERFACE), like Keras' own
+# ``backend/<name>/trainer.py``. Only the backend in use is imported.
 _BACKENDS = {"tensorflow": "_tf", "jax": "_jax", "torch": "_torch"}
+# What every backend module provides:
+#   make_stats(model) -> Stats                the counters (``advgraph_stats``)
+#   train_step(...)                           the adversarial train_step, in the
+#                                             backend's own train_step contract
+#                                             (JAX: functional, state in and out)
+#   adversarial_gradients(...)                every pass, nothing applied
+#                                             (``advgraph.keras.adversarial_gradients``)
+#   Stats, WeightSite and its embedding site(s): the advgraph.Site implementations
+BACKEND_INTERFACE = ("make_stats", "train_step", "adversarial_gradients", "Stats", "WeightSite")
 
 
 def _backend_module(backend: str) -> Any:

@@ -2,7 +2,7 @@
 perturbation layer and the read-only view of the step counters.
 
 Nothing here imports a backend (TensorFlow, JAX or torch): the backend's site
-(``_site`` for TensorFlow, ``_jax``, ``_torch``) does the array work. A site
+(``_tf``, ``_jax``, ``_torch``: one module per backend) does the array work. A site
 implements :class:`advgraph.Site` and, for the hook, three calls:
 
 - ``in_pass()``: whether a forward of the adversarial step runs now;

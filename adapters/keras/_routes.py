@@ -65,7 +65,7 @@ def rewrite_functional(
     Example:
         >>> import keras
         >>> from advgraph.adapters.keras._routes import rewrite_functional
-        >>> from advgraph.adapters.keras._site import SiteHook
+        >>> from advgraph.adapters.keras._hook import SiteHook
         >>> inp = keras.Input((4,), dtype="int32")
         >>> emb = keras.layers.Embedding(10, 3)
         >>> out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(emb(inp)))
@@ -109,7 +109,7 @@ def rewrite_sequential(
     Example:
         >>> import keras
         >>> from advgraph.adapters.keras._routes import rewrite_sequential
-        >>> from advgraph.adapters.keras._site import SiteHook
+        >>> from advgraph.adapters.keras._hook import SiteHook
         >>> emb = keras.layers.Embedding(10, 3)
         >>> model = keras.Sequential([keras.Input((4,), dtype="int32"), emb, keras.layers.Flatten()])
         >>> new, pert = rewrite_sequential(model, emb, SiteHook())
