@@ -447,7 +447,7 @@ def test_every_method_trains_with_its_pass_count(mode, method, kwargs, passes) -
         assert np.isfinite(history.history["loss"]).all()
 
 
-@pytest.mark.parametrize("name", ["_adapter", "_routes", "_site", "_target"])
+@pytest.mark.parametrize("name", ["_adapter", "_routes", "_tf", "_target"])
 def test_docstring_examples_run(name: str) -> None:
     import doctest
     import importlib
