@@ -47,7 +47,7 @@ def test_no_import_cycle_in_the_adapters_or_the_methods():
         assert _cycles(_relative_imports(ROOT / folder)) == [], folder
 
 
-def test_no_file_in_the_package_is_over_500_lines():
+def test_no_file_in_the_advgraph_package_is_over_500_lines():
     long = {
         str(p.relative_to(ROOT)): n
         for p in (ROOT / "advgraph").rglob("*.py")
@@ -70,7 +70,8 @@ def test_site_protocol_is_no_longer_than_before_the_method_layer():
 def test_every_builtin_method_lives_in_its_own_module():
     for cls in advgraph.methods.BUILTIN.values():
         module = cls.__module__.rsplit(".", 1)[-1]
-        assert module.startswith("_") and module[1:] in (cls.name, "fgm"), (cls, module)
+        allowed = ("fgm",) if cls.name == "fgsm" else ()  # FGSM is FGM's sign step
+        assert module.startswith("_") and module[1:] in (cls.name, *allowed), (cls, module)
 
 
 def test_keras_backends_are_symmetric_one_module_each_behind_one_interface():

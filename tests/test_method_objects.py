@@ -49,7 +49,7 @@ def _batch(seed=0):
 def test_each_class_builds_with_defaults_is_a_method_and_round_trips(cls):
     m = cls()
     assert isinstance(m, advgraph.Method)
-    assert m.name == cls.__name__.lower() or m.name in ("freelb", "neftune")
+    assert m.name == cls.__name__.lower()
     assert m.passes() >= 1
     text = repr(m)
     assert text.startswith(cls.__name__ + "(")
@@ -198,8 +198,10 @@ def _advgraph_loop(steps, method, lr=0.1):
 def test_start_holds_the_method_off_for_n_steps_with_one_pass_each():
     ref = _hand_written(7, start=4, eps_at=lambda s: 0.5)
     model, wrapped = _advgraph_loop(7, methods.FGM(epsilon=0.5, start=4))
+    # float32 SGD over 7 steps, advgraph and the reference computing delta in different
+    # orders: a few ulps; the variants below differ by > 1e-3.
     for a, b in zip(ref.parameters(), model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert wrapped.advgraph_stats["plain_steps"] == 4 and wrapped.advgraph_stats["steps"] == 3
     # A start that is never reached trains exactly as plain SGD (one pass a step).
     plain = _hand_written(3, start=10, eps_at=lambda s: 0.5)
@@ -231,7 +233,7 @@ def test_scheduled_epsilon_follows_the_hand_written_warmup():
     ref = _hand_written(6, start=0, eps_at=warmup)
     model, _ = _advgraph_loop(6, methods.FGM(epsilon=warmup))
     for a, b in zip(ref.parameters(), model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     flat = _hand_written(6, start=0, eps_at=lambda s: 1.0)
     assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(flat.parameters(), model.parameters()))
 

@@ -41,11 +41,6 @@ import _site_probes as probes  # noqa: E402
 # rounding per operation over a few dozen operations; 1e-5 leaves a wide margin and is
 # still far below the effects checked (a delta moves the loss by > 1e-2).
 TOL = dict(rtol=1e-5, atol=1e-5)
-KERAS_PER_CALL = (
-    "Keras mode='output' refuses a target called more than once in a forward "
-    "(ValueError 'The target layer ran more than once'); multi-call support on Keras is "
-    "being added (issue 17): this xfail is strict so that it flips when it lands"
-)
 
 
 @dataclass(frozen=True)
@@ -53,7 +48,6 @@ class Site:
     framework: str  # "torch" (in this process) or a Keras backend (a subprocess)
     mode: str  # "output" | "matrix" | "weights"
     calls: str  # a target called twice: "per-call" | "union" | "none" (weights)
-    pending_calls: str = ""  # per-call gradients not supported yet: the xfail's reason
     checks_passes: bool = False  # a wrong passes() is caught (PyTorch: DDP / DeepSpeed)
 
 
@@ -61,9 +55,9 @@ SITES = {
     "torch-output": Site("torch", "output", "per-call", checks_passes=True),
     "torch-matrix": Site("torch", "matrix", "union", checks_passes=True),
     "torch-weights": Site("torch", "weights", "none", checks_passes=True),
-    "keras-tensorflow": Site("tensorflow", "output", "per-call", pending_calls=KERAS_PER_CALL),
-    "keras-jax": Site("jax", "output", "per-call", pending_calls=KERAS_PER_CALL),
-    "keras-torch": Site("torch-backend", "output", "per-call", pending_calls=KERAS_PER_CALL),
+    "keras-tensorflow": Site("tensorflow", "output", "per-call"),
+    "keras-jax": Site("jax", "output", "per-call"),
+    "keras-torch": Site("torch-backend", "output", "per-call"),
 }
 STAT_KEYS = ["steps", "plain_steps", "skipped_nonfinite", "skipped_zero"]
 # advgraph_stats after each probe's steps, the same on every site: a step counts once
@@ -174,8 +168,6 @@ def _scalar(value) -> float:
 def test_stats_have_the_same_keys_and_values_after_the_same_probe_steps(site) -> None:
     name, spec, results = site
     for probe, expected in EXPECTED_STATS.items():
-        if probe == "calls" and spec.pending_calls:
-            continue  # the site refuses the model (test_a_target_called_twice... xfails)
         stats = results[probe]["stats"]
         assert list(stats) == STAT_KEYS, (name, probe, stats)
         assert tuple(stats.values()) == expected, (name, probe, stats)
@@ -214,8 +206,6 @@ def test_a_target_called_twice_gives_per_call_gradients_and_deltas(site, request
     name, spec, results = site
     if spec.calls == "none":
         pytest.skip("a site made of weights has no calls of a target")
-    if spec.pending_calls:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=spec.pending_calls))
     r = results["calls"]
     assert r["error"] is None, (name, r["error"])
     d = _f64()

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -324,7 +325,7 @@ def keras_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess,
             continue
         out = str(tmp / f"{backend}.npz")
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "keras_user_method_cases.py")],
+            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", os.path.join(HERE, "keras_user_method_cases.py")],
             env=_env(backend, out),
             capture_output=True,
             text=True,
@@ -343,6 +344,8 @@ def test_keras_backend_suite(keras_runs, backend: str) -> None:
         pytest.skip(f"{backend} is not installed")
     proc, _ = keras_runs[backend]
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+    assert re.search(r"\b[1-9]\d* passed", proc.stdout), proc.stdout[-3000:]  # not all skipped
+    assert " skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]
 
 
 @pytest.mark.parametrize("i", range(len(um.CASES)), ids=[f"{n}-{'eager' if e else 'compiled'}" for n, _, e in um.CASES])

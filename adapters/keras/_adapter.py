@@ -52,6 +52,7 @@ from advgraph._errors import AdvGraphWarning, received
 from . import _private, _schedule
 from ._hook import Perturbation, SiteHook, StatsBase, Teacher
 from ._routes import (
+    CalledMoreThanOnce,
     is_call_wrapped,
     rewrite_functional,
     rewrite_sequential,
@@ -371,7 +372,11 @@ def _install_output(
         else contextlib.nullcontext()
     )
     with scope:
-        new, pert = rewrite(model, layer, hook)
+        try:
+            new, pert = rewrite(model, layer, hook)
+        except CalledMoreThanOnce as error:  # a shared embedding: one delta per call
+            logger.info("advgraph: graph rewrite not used (%s); wrapping the target's call", error)
+            return model, "call-wrap", None, None, wrap_call(layer, hook)
         _compile_like(new, model)
     return new, route, model, pert, None
 

@@ -92,13 +92,17 @@ def rewrite_functional(
     inputs = keras.tree.map_structure(new_input, model.input)
     outputs = run_through_graph(model, inputs, call_fn)
     if len(calls) != 1:
-        raise ValueError(
-            "mode='output' needs the target layer to be called exactly once in the model's "
-            "graph (a shared embedding gets one delta per call; use mode='matrix'). "
-            f"{received(target=target.name, calls=len(calls))}"
+        raise CalledMoreThanOnce(
+            "The graph rewrite puts one perturbation layer after the target's one call; "
+            f"this target is called {len(calls)} times (the call-wrap route gives each call "
+            f"its own delta). {received(target=target.name, calls=len(calls))}"
         )
     new = functional_class()(inputs, outputs, name=model.name, trainable=model.trainable)
     return new, pert
+
+
+class CalledMoreThanOnce(ValueError):
+    """The target runs several times in the functional graph: use the call-wrap route."""
 
 
 def rewrite_sequential(
