@@ -374,15 +374,21 @@ def test_target_errors_list_the_candidates() -> None:
     assert not advgraph.is_wrapped(model)
 
 
-def test_output_mode_needs_one_call_of_the_target() -> None:
+def test_a_target_called_twice_in_a_functional_graph_takes_the_call_wrap_route() -> None:
+    """The graph rewrite inserts one perturbation layer after one call; a target called
+    twice gets one delta per call through the call-wrap route instead (same model object)."""
     tokens = keras.Input((LENGTH,), dtype="int32")
-    emb = keras.layers.Embedding(13, 4)
+    x, y = batch()
+    emb = keras.layers.Embedding(int(x.max()) + 1, 4)
     h = keras.layers.Add()([emb(tokens), emb(tokens)])
-    model = keras.Model(tokens, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(h)))
+    model = keras.Model(tokens, keras.layers.Dense(CLASSES)(keras.layers.GlobalAveragePooling1D()(h)))
     model.compile(optimizer="sgd", loss=loss_fn())
-    with pytest.raises(ValueError, match=r"exactly once.*Received: target=.*calls=2"):
-        advgraph.wrap(model, mode="output")
-    assert advgraph.wrap(model, mode="matrix").advgraph_route == "matrix"  # fine in matrix mode
+    wrapped = advgraph.wrap(model, mode="output")
+    assert wrapped is model and wrapped.advgraph_route == "call-wrap"
+    wrapped.fit(x, y, batch_size=3, verbose=0)
+    assert wrapped.advgraph_stats["steps"] == 2
+    advgraph.unwrap(wrapped)
+    assert advgraph.wrap(model, mode="matrix").advgraph_route == "matrix"  # and in matrix mode
 
 
 def test_stats_mapping_and_frozen_embedding_in_matrix_mode() -> None:
