@@ -58,7 +58,12 @@ def results(tmp_path_factory) -> dict[str, dict]:
 @pytest.mark.parametrize("case", RAISING)
 def test_error_in_the_adversarial_pass_leaves_weights_unperturbed(results, case: str) -> None:
     result = results[case]
-    assert result["raised"] == "InvalidArgumentError probe", result  # the fault fired in-graph
+    if "mirrored" in case and result["raised"] == "InternalError":
+        # Two replicas: when the other replica's collective is cancelled first, TensorFlow
+        # reports the aborted all-reduce (InternalError) instead of the probe's error.
+        pass
+    else:
+        assert result["raised"] == "InvalidArgumentError probe", result  # the fault fired in-graph
     assert result["restored"], f"{case}: weights {result['changed']} changed bytes"
 
 
