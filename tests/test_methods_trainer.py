@@ -130,3 +130,33 @@ def test_neftune_on_a_hf_model_knows_padding_from_padding_idx():
     bound = 5.0 / torch.sqrt(lengths * noise.shape[-1])
     assert torch.all(noise.abs().amax(dim=(1, 2)) <= bound + 1e-6)
     assert torch.all(noise.abs().amax(dim=(1, 2)) > 0.5 * bound)
+
+
+def _trained(tmp_path, adversarial, steps=4):
+    model = tiny_bert()
+    trainer = AdversarialTrainer(
+        model=model, args=args(tmp_path, steps=steps), train_dataset=PaddedDataset(n=8), adversarial=adversarial
+    )
+    trainer.train()
+    return trainer.model
+
+
+def test_start_epoch_trains_plainly_until_that_epoch_then_adversarially(tmp_path):
+    """The Kaggle AWP form: 8 samples, batch 4 = 2 steps an epoch; ``start_epoch=1``
+    makes the first epoch's 2 steps plain (one pass each) and the next 2 adversarial,
+    the Trainer passing its optimizer step to the method."""
+    awp = {"method": "awp", "target": "bert.encoder", "adv_lr": 0.1, "adv_eps": 0.05}
+    model = _trained(tmp_path / "a", {**awp, "start_epoch": 1})
+    assert model.advgraph_stats["plain_steps"] == 2 and model.advgraph_stats["steps"] == 2
+    # The same as a method held off for 2 optimizer steps by its own `start`:
+    held = _trained(tmp_path / "b", {**awp, "start": 2})
+    assert held.advgraph_stats["plain_steps"] == 2 and held.advgraph_stats["steps"] == 2
+    for a, b in zip(model.parameters(), held.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # ...and different from AWP on every step.
+    always = _trained(tmp_path / "c", awp)
+    assert always.advgraph_stats == {**always.advgraph_stats, "plain_steps": 0, "steps": 4}
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), always.parameters()))
+    with pytest.raises(TypeError, match="Received: start_epoch=-1"):
+        AdversarialTrainer(model=tiny_bert(), args=args(tmp_path), train_dataset=PaddedDataset(),
+                           adversarial={**awp, "start_epoch": -1})
