@@ -91,3 +91,20 @@ def test_keras_backends_are_symmetric_one_module_each_behind_one_interface():
         for name in interface:
             assert name in defined and name in exported, (module, name)
     assert not (ROOT / "adapters" / "keras" / "_site.py").exists()  # TF's sites live in _tf.py
+
+
+def test_every_package_is_listed_for_the_wheel():
+    """pyproject lists packages explicitly: a new sub-package left out would be missing
+    from a (non-editable) wheel although every editable-install test passes."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    dirs = {name: ROOT / path for name, path in config["package-dir"].items()}
+    found = set()
+    for name, folder in dirs.items():
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            if "__pycache__" not in parts:
+                found.add(".".join((name, *parts)))
+    assert found - listed == set()
