@@ -18,6 +18,7 @@ __all__ = ["wrap", "unwrap", "is_wrapped"]
 
 M = TypeVar("M")
 
+
 def _framework_of(model: Any) -> str | None:
     # Keras first: on the torch backend a keras.Model is also a torch.nn.Module.
     keras = sys.modules.get("keras")

@@ -64,7 +64,7 @@ logger = logging.getLogger("advgraph")
 
 __all__ = ["SUPPORTED_METHODS", "wrap", "unwrap", "is_wrapped"]
 
-# The methods the Keras adapter runs, on every backend (advgraph.wrap refuses the rest).
+# The built-in methods, each of which runs on every backend (so does a user's advgraph.Method).
 SUPPORTED_METHODS = ("fgm", "fgsm", "pgd", "freelb", "vat", "gp", "r3f", "smart", "neftune", "awp")
 
 # Instance attributes wrap() sets on the model it returns; unwrap() deletes them.
