@@ -436,7 +436,7 @@ class MatrixSite(_Site):
     def weight(self) -> torch.Tensor:
         return self.lookups[0].weight
 
-    def before_lookup(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def before_lookup(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """Forward pre-hook of a lookup: materialise a delta given as a function.
 
         The function gets zeros for the rows touched so far in the pass. When a later
@@ -445,9 +445,20 @@ class MatrixSite(_Site):
         their values, which are written into the array it returned (so a method that
         kept that array, as FreeLB keeps its random start, sees what was applied).
         """
-        if self._pending is None or not args or not isinstance(args[0], torch.Tensor):
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        if torch.compiler.is_compiling():
+            # The rows are data-dependent (torch.unique): an opaque op does this work
+            # at run time, so that the compiled graph does not break here.
+            return (_taps.lookup_rows(args[0], self.key),) + tuple(args[1:])
+        self.perturb_rows(args[0])
+        return None
+
+    def perturb_rows(self, ids: torch.Tensor) -> None:
+        """Materialise a pending delta on the rows ``ids`` touch (see ``before_lookup``)."""
+        if self._pending is None:
             return
-        rows = torch.unique(args[0])
+        rows = torch.unique(ids)
         weight = self.weight
         acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 

@@ -15,6 +15,15 @@ AOTAutograd treat as opaque graph nodes:
 ``anchor`` is a 0-dim leaf of the site that requires grad: its (zero) gradient
 is a graph output of the backward, so the tap always runs, and a pass that only
 needs the gradient at the site asks autograd for the anchor's gradient.
+
+Matrix mode perturbs the rows a batch touches. When the delta is drawn inside the
+forward (a random start, noise), the lookup's pre-hook finds those rows
+(``torch.unique``: an output shape that depends on the data, which dynamo cannot
+keep in a graph). Inside a compiled region the pre-hook therefore calls
+
+* ``advgraph::lookup_rows(ids, site)``: the ids unchanged (a copy, which the
+  lookup then reads, so the op runs before it); as a side effect the site
+  perturbs the rows ``ids`` touch, eagerly, on the real tensors.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SITES", "tap"]
+__all__ = ["SITES", "lookup_rows", "tap"]
 
 # The live sites by key, registered by the sites themselves (adapters/torch/_site.py);
 # a custom op receives the key, never the site, so that it stays a graph constant.
@@ -79,3 +88,22 @@ def tap(
 ) -> torch.Tensor:
     """``x`` unchanged; its gradient goes to the site registered under ``site``."""
     return torch.ops.advgraph.site_tap(x, anchor, ids, site, call, index)
+
+
+@torch.library.custom_op("advgraph::lookup_rows", mutates_args=())
+def _lookup_rows(ids: torch.Tensor, site: int) -> torch.Tensor:
+    owner = SITES.get(site)
+    if owner is not None:
+        owner.perturb_rows(ids)
+    return ids.clone()
+
+
+@_lookup_rows.register_fake
+def _(ids: torch.Tensor, site: int) -> Any:
+    return torch.empty_like(ids)
+
+
+def lookup_rows(ids: torch.Tensor, site: int) -> torch.Tensor:
+    """``ids`` unchanged; before the lookup reads them, the site registered under
+    ``site`` perturbs the rows they touch (matrix mode, a delta drawn in the forward)."""
+    return torch.ops.advgraph.lookup_rows(ids, site)
