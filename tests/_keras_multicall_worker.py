@@ -13,12 +13,16 @@ KERAS_BACKEND set.
   rate of 0, so the weights after the step must be the weights before it, byte for
   byte (a perturbation left behind would show). ``out.npz`` gets ``<case>/ok`` and
   the loss; a refusal is recorded as ``<case>/refused`` with its message.
+- ``bart-fgm``: ``BartSeq2SeqLM`` with fixed weights and no dropout takes one FGM
+  step (SGD) in each mode, as ``fgm`` does; on the torch backend the same step is
+  also written by hand (``bart_fgm_by_hand``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import zlib
 
 import numpy as np
 
@@ -65,16 +69,26 @@ def bi_encoder():
     return model, [d["a"], d["b"]], d["y"]
 
 
-def bart():
+def bart(fixed: bool = False):
+    """keras-hub's BartSeq2SeqLM from config, a batch of 2 and its labels.
+
+    ``fixed``: no dropout and weights drawn with numpy (the same on every backend,
+    whose own initializers draw differently), for the FGM comparisons.
+    """
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(3)
     backbone = keras_hub.models.BartBackbone(
         vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        max_sequence_length=16,
+        max_sequence_length=16, **({"dropout": 0.0} if fixed else {}),
     )
     model = keras_hub.models.BartSeq2SeqLM(backbone=backbone, preprocessor=None)
+    if fixed:
+        # Seeded by path: the order of model.weights differs between backends.
+        for v in model.weights:
+            wrng = np.random.default_rng(zlib.crc32(v.path.encode()))
+            v.assign((("gamma" in v.path) + 0.2 * wrng.standard_normal(v.shape)).astype("float32"))
     rng = np.random.default_rng(1)
     x = {
         "encoder_token_ids": rng.integers(1, 64, (2, 8)).astype("int32"),
@@ -86,10 +100,11 @@ def bart():
     return model, x, rng.integers(1, 64, (2, 6)).astype("int32")
 
 
-def _compile(model, lr: float) -> None:
+def _compile(model, lr: float, jit: bool = True) -> None:
     import keras
 
     model.compile(
+        jit_compile="auto" if jit else False,
         optimizer=keras.optimizers.SGD(lr),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
@@ -108,15 +123,103 @@ def run_fgm(out: dict[str, np.ndarray]) -> None:
         out[f"{mode}/steps"] = np.asarray(wrapped.advgraph_stats["steps"])
 
 
+def run_bart_fgm(out: dict[str, np.ndarray]) -> None:
+    """One FGM step (SGD) of the fixed BART in each mode; on the torch backend also
+    the same step written by hand (no advgraph), as ``ref-<mode>/<weight path>``."""
+    import keras
+
+    if keras.backend.backend() == "torch":  # by hand first, before advgraph is imported
+        for mode in ("output", "matrix"):
+            for path, w in bart_fgm_by_hand(mode).items():
+                out[f"ref-{mode}/{path}"] = w
+    import advgraph
+
+    for mode in ("output", "matrix"):
+        model, x, y = bart(fixed=True)
+        _compile(model, LR)
+        wrapped = advgraph.wrap(model, mode=mode, method="fgm", epsilon=EPS)
+        wrapped.fit(x, y, batch_size=len(y), epochs=1, shuffle=False, verbose=0)
+        for v in wrapped.weights:  # by path: the order differs between backends
+            out[f"{mode}/{v.path}"] = np.asarray(v)
+        out[f"{mode}/steps"] = np.asarray(wrapped.advgraph_stats["steps"])
+
+
+def bart_fgm_by_hand(mode: str) -> dict[str, np.ndarray]:
+    """The FGM step of ``run_bart_fgm`` with torch autograd on the Keras torch backend.
+
+    The shared token embedding's ``call`` is wrapped on the instance (no advgraph) so
+    that each lookup's output is kept (and can get a delta); the LM head's call
+    (``reverse=True``, the tied matrix) is left alone. ``mode='output'``: each lookup
+    call gets ``eps * g_c / ||g_c||`` per sample from its own output gradient;
+    ``mode='matrix'``: the rows both lookups touched get ``eps * G / ||G||`` (global
+    norm), ``G`` the lookup gradient summed over the calls (the head's gradient not
+    included); the matrix itself changes, so the tied head sees it too.
+    """
+    import torch
+
+    model, x, y = bart(fixed=True)
+    emb = model.backbone.token_embedding
+    lookup = emb.call
+    seen: list[torch.Tensor] = []
+    deltas: list[torch.Tensor] = []
+
+    def call(inputs, reverse=False):
+        result = lookup(inputs, reverse=reverse)
+        if reverse:
+            return result
+        result.retain_grad()
+        seen.append(result)
+        return result + deltas[len(seen) - 1] if deltas else result
+
+    emb.call = call
+    weights = list(model.trainable_weights)
+    xs = {k: torch.as_tensor(v) for k, v in x.items()}
+    labels = torch.as_tensor(y).long()
+
+    def gradients() -> list[torch.Tensor]:
+        seen.clear()
+        for w in weights:
+            w.value.grad = None
+        logits = model(xs, training=True)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        return [w.value.grad.detach().clone() for w in weights]
+
+    clean = gradients()
+    outputs = [(ids, out.grad.detach()) for ids, out in zip(
+        (xs["encoder_token_ids"], xs["decoder_token_ids"]), seen)]
+    assert len(outputs) == 2, len(seen)  # encoder and decoder lookups, head excluded
+    table = emb.embeddings.value
+    if mode == "output":
+        deltas.extend(EPS * g / g.flatten(1).norm(dim=1)[:, None, None] for _, g in outputs)
+        adv = gradients()
+    else:
+        G = torch.zeros_like(table)
+        for ids, g in outputs:
+            G.index_add_(0, ids.reshape(-1).long(), g.reshape(-1, g.shape[-1]))
+        rows = torch.unique(torch.cat([ids.reshape(-1) for ids, _ in outputs])).long()
+        delta = torch.zeros_like(table)
+        delta[rows] = EPS * G[rows] / G[rows].norm()
+        saved = table.detach().clone()
+        with torch.no_grad():
+            table.add_(delta)
+        adv = gradients()
+        with torch.no_grad():
+            table.copy_(saved)
+    updated = {w.path: (w.value - LR * (c + a)).detach().numpy() for w, c, a in zip(weights, clean, adv)}
+    return {w.path: updated.get(w.path, np.asarray(w)) for w in model.weights}
+
+
 def run_methods(build, out: dict[str, np.ndarray], methods=METHODS) -> None:
     import advgraph
 
-    for method in methods:
+    for spec in methods:
+        method, _, how = spec.partition(":")  # "<method>:eager": jit_compile=False
         for mode in ("output", "matrix"):
             if method == "awp" and mode == "matrix":
                 continue  # awp perturbs weights: no mode
             model, x, y = build()
-            _compile(model, 0.0)
+            _compile(model, 0.0, jit=how != "eager")
             before = [np.asarray(w).tobytes() for w in model.get_weights()]
             kwargs = {} if method == "awp" else {"mode": mode}
             if method in WITH_EPSILON:
@@ -141,6 +244,8 @@ def main() -> None:
     out: dict[str, np.ndarray] = {}
     if part == "fgm":
         run_fgm(out)
+    elif part == "bart-fgm":
+        run_bart_fgm(out)
     elif part == "bi-methods":
         run_methods(bi_encoder, out)
     else:
