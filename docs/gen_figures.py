@@ -63,7 +63,7 @@ def step_time_chart(path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlim(0, max(values) + 0.2)
     ax.set_xlabel("step time / pass-count limit (lower is better)")
-    ax.set_title("advgraph step time against its pass-count limit (BENCHMARKS.md, 2026-12-02, 2-vCPU CPU)", fontsize=8)
+    ax.set_title("advgraph step time against its pass-count limit (BENCHMARKS.md, 2026-12-06, 2-vCPU Xeon)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     print(f"wrote {path}")

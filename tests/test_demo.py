@@ -399,7 +399,9 @@ def check_output(result):
     assert lines[header + 2].split()[0] == "none" and lines[header + 3].split()[0] == "fgm"
     assert "Robust acc: accuracy under PGD-" in flat(out)
     assert re.search(r"(Raised|Lowered|Same) clean accuracy", flat(out))
-    assert max(len(line) for line in lines) <= 88, out
+    # Wrapped to 88 columns, but for the line naming the plot's path (its length is
+    # the temporary directory's: longer under pytest-xdist).
+    assert max(len(line) for line in lines if not line.startswith("plot written to")) <= 88, out
     assert "With 1 seed there is no error estimate" in flat(out) and "±" not in out.replace("mean ± std", "")
 
 
