@@ -129,7 +129,7 @@ def run_bart_fgm(out: dict[str, np.ndarray]) -> None:
     import keras
 
     if keras.backend.backend() == "torch":  # by hand first, before advgraph is imported
-        for mode in ("output", "matrix"):
+        for mode in ("output", "matrix", "none"):
             for path, w in bart_fgm_by_hand(mode).items():
                 out[f"ref-{mode}/{path}"] = w
     import advgraph
@@ -142,6 +142,7 @@ def run_bart_fgm(out: dict[str, np.ndarray]) -> None:
         for v in wrapped.weights:  # by path: the order differs between backends
             out[f"{mode}/{v.path}"] = np.asarray(v)
         out[f"{mode}/steps"] = np.asarray(wrapped.advgraph_stats["steps"])
+        out[f"{mode}/count"] = np.asarray(len(wrapped.weights))
 
 
 def bart_fgm_by_hand(mode: str) -> dict[str, np.ndarray]:
@@ -157,6 +158,7 @@ def bart_fgm_by_hand(mode: str) -> dict[str, np.ndarray]:
     """
     import torch
 
+    assert "advgraph" not in sys.modules  # the reference owes advgraph nothing
     model, x, y = bart(fixed=True)
     emb = model.backbone.token_embedding
     lookup = emb.call
@@ -186,13 +188,15 @@ def bart_fgm_by_hand(mode: str) -> dict[str, np.ndarray]:
         return [w.value.grad.detach().clone() for w in weights]
 
     clean = gradients()
+    assert len(seen) == 2, len(seen)  # encoder and decoder lookups (the head is excluded)
     outputs = [(ids, out.grad.detach()) for ids, out in zip(
         (xs["encoder_token_ids"], xs["decoder_token_ids"]), seen)]
-    assert len(outputs) == 2, len(seen)  # encoder and decoder lookups, head excluded
     table = emb.embeddings.value
     if mode == "output":
         deltas.extend(EPS * g / g.flatten(1).norm(dim=1)[:, None, None] for _, g in outputs)
         adv = gradients()
+    elif mode == "none":  # no delta: the clean gradient twice (a check of the check)
+        adv = clean
     else:
         G = torch.zeros_like(table)
         for ids, g in outputs:
@@ -207,6 +211,7 @@ def bart_fgm_by_hand(mode: str) -> dict[str, np.ndarray]:
         with torch.no_grad():
             table.copy_(saved)
     updated = {w.path: (w.value - LR * (c + a)).detach().numpy() for w, c, a in zip(weights, clean, adv)}
+    assert len({w.path for w in model.weights}) == len(model.weights)
     return {w.path: updated.get(w.path, np.asarray(w)) for w in model.weights}
 
 

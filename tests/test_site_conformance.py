@@ -49,7 +49,7 @@ class Site:
     mode: str  # "output" | "matrix" | "weights"
     calls: str  # a target called twice: "per-call" | "union" | "none" (weights)
     checks_passes: bool = False  # a wrong passes() is caught (PyTorch: DDP / DeepSpeed)
-    static_rows: bool = False  # matrix rows padded with zero rows to the ids' count (jax.jit)
+    static_rows: bool = False  # matrix rows padded with zero rows to the ids' count (JAX)
 
 
 SITES = {

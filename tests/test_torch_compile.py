@@ -141,7 +141,7 @@ METHODS = {
     "freelb": {"steps": 2},  # random start (the default): drawn inside the forward
     "vat": {},
     "gp": {},
-    "r3f": {},
+    "r3f": {"noise_eps": 0.5},  # the default 1e-5 moves the gradients by < 1e-7: invisible
     "smart": {},
     "neftune": {},
     "awp": {"target": ""},
@@ -212,6 +212,62 @@ def test_every_method_compiles_with_eager_gradients(name, mode):
 # seconds when warm. fallback_random: inductor then draws with eager's generator,
 # so both sides see the same noise. Fused kernels change the rounding of float32
 # sums: 1e-5 relative (measured differences ~3e-8).
+# A delta drawn inside the compiled forward in matrix mode reaches the forward only
+# through the advgraph::lookup_rows op.
+DRAWN_IN_FORWARD = [("freelb", "matrix"), ("vat", "matrix"), ("r3f", "matrix"), ("smart", "matrix")]
+
+
+@pytest.mark.parametrize("name,mode", DRAWN_IN_FORWARD)
+def test_check_of_the_check_a_dropped_draw_differs_from_eager(name, mode, monkeypatch):
+    """If the op did not perturb the rows, the compiled step would not give eager's
+    gradients (or, for smart, would not run): the comparison above can tell (for r3f
+    only with a noise large enough to matter, hence its noise_eps)."""
+    from advgraph.adapters.torch import _site
+
+    real = _site.MatrixSite.perturb_rows
+    eager_site = []
+
+    def perturb_rows(self, ids):
+        if not eager_site:
+            eager_site.append(self)  # the eager step runs first: its site works
+        if self is eager_site[0]:
+            return real(self, ids)
+        return None  # the compiled model's op perturbs nothing
+
+    monkeypatch.setattr(_site.MatrixSite, "perturb_rows", perturb_rows)
+    if name == "smart":  # smart reads back the draw it made: without one it cannot step
+        with pytest.raises(IndexError):
+            compiled_against_eager(name, mode, BACKEND)
+        return
+    got, expected = compiled_against_eager(name, mode, BACKEND)
+    worst = max((got[k] - g).abs().max().item() for k, g in expected.items())
+    assert worst > 1e-4, worst
+
+
+@pytest.mark.parametrize("how", ["freelb", "pgd-random-start"])
+def test_fullgraph_two_calls_with_a_start_drawn_in_the_forward_matrix(how):
+    """Two lookups per forward, each drawing its random start inside the compiled
+    forward: the union of rows is perturbed as in eager, with fullgraph=True."""
+    torch.manual_seed(0)
+    model = Siamese()
+    options = dict(mode="matrix", method="freelb", steps=2) if how == "freelb" else dict(
+        mode="matrix", method="pgd", steps=2, random_init=True)
+    ref = copy.deepcopy(model)
+    eager = advgraph.wrap(ref, **options)
+    torch.manual_seed(5)
+    eager.adversarial_step(lambda: F.cross_entropy(eager(X, Z), Y))
+    wrapped = advgraph.wrap(model, **options)
+    run = torch.compile(wrapped, backend=BACKEND, fullgraph=True)
+    before = param_bytes(model)
+    torch.manual_seed(5)
+    wrapped.adversarial_step(lambda: F.cross_entropy(run(X, Z), Y))
+    assert param_bytes(model) == before
+    for name, g in grads(ref).items():
+        torch.testing.assert_close(grads(model)[name], g, rtol=1e-5, atol=1e-7)
+
+
+# gp's cases compile nothing (its pass runs eagerly, see check_compiled): they repeat
+# the aot_eager check and cost nothing.
 @pytest.mark.parametrize("name,mode", CASES)
 def test_inductor_every_method(name, mode):
     inductor_config = pytest.importorskip("torch._inductor.config")

@@ -45,9 +45,10 @@ Guarantees every implementation gives (checked by ``tests/test_site_conformance.
   ``site_grad()`` is a tuple of ``k`` arrays in call order, and ``set_delta``
   takes the same structure (each call gets its own delta). In matrix mode the site
   is the rows themselves, which every call shares: one array over the union of the
-  rows the calls touched, their gradients summed, in ascending id order (under
-  ``jax.jit``, which needs static shapes, the array has one row per id position:
-  the distinct ids' rows first, then zero rows). A site made of weights gives one
+  rows the calls touched, their gradients summed, in ascending id order (where the
+  step needs static shapes -- always on JAX, with ``jit_compile=True`` on
+  TensorFlow -- the array has one row per id position: the distinct ids' rows
+  first, then zero rows, whose delta is never written). A site made of weights gives one
   array per weight (a tuple), whatever the calls.
 * **Skipped gradients are counted.** ``record(result)`` of a
   :func:`advgraph.compute_delta` result that skipped a row (NaN/inf or zero
