@@ -277,3 +277,27 @@ def test_inductor_every_method(name, mode):
     # distributions (cancellation), which amplifies the kernels' float32 rounding
     # (measured up to 1.6e-6 on gradients ~1e-2): 1e-5 absolute there.
     check_compiled(name, got, expected, atol=1e-5 if name == "vat" else 1e-6)
+
+
+def test_a_second_copy_of_the_adapter_is_refused_not_silently_broken(tmp_path):
+    """The custom ops are global to the process: a second copy of the adapter (the
+    source tree's ``adapters.torch``, importable from the repository root) would
+    re-register them against an empty site registry and silently break every
+    compiled model. It is refused with an ImportError instead."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import advgraph.adapters.torch\n"
+        "try:\n"
+        "    import adapters.torch\n"
+        "except ImportError as err:\n"
+        "    print('refused:', err)\n"
+    ) % root
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: advgraph's torch adapter is already loaded" in proc.stdout, proc.stdout
+    assert "Received: a second copy as 'adapters.torch._taps'" in proc.stdout

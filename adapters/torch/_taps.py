@@ -35,6 +35,23 @@ import torch
 
 __all__ = ["SITES", "lookup_rows", "tap"]
 
+def _refuse_a_second_copy() -> None:
+    """The ops below are global to the process: a second copy of this module (the
+    source tree's ``adapters.torch`` imported beside ``advgraph.adapters.torch``)
+    would re-register them against its own, empty ``SITES``, and every compiled
+    advgraph model would silently stop finding its site."""
+    try:
+        torch.ops.advgraph.site_tap
+    except AttributeError:
+        return
+    raise ImportError(
+        "advgraph's torch adapter is already loaded in this process; import it as "
+        f"'advgraph.adapters.torch' only. Received: a second copy as {__name__!r}"
+    )
+
+
+_refuse_a_second_copy()
+
 # The live sites by key, registered by the sites themselves (adapters/torch/_site.py);
 # a custom op receives the key, never the site, so that it stays a graph constant.
 SITES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
