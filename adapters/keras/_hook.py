@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import keras
 
-from advgraph._errors import AdvGraphWarning
+from advgraph._errors import AdvGraphWarning, received
 
 __all__ = [
     "run_method",
@@ -164,6 +164,22 @@ def is_reverse_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """
     reverse = kwargs.get("reverse", args[1] if len(args) > 1 else False)
     return reverse is True
+
+
+class ReadOnceGrad:
+    """``Site.site_grad`` of every Keras backend's sites: the gradient at the site of
+    the last pass that kept one (``self._grad``, set by the backend's pass), read once."""
+
+    _grad: Any
+
+    def site_grad(self) -> Any:
+        if self._grad is None:
+            raise RuntimeError(
+                "No gradient at the perturbation site: no forward_backward() with "
+                f"keep_grad=True since it was last read. {received(recorded_gradients=0)}"
+            )
+        grad, self._grad = self._grad, None
+        return grad
 
 
 class SiteHook:

@@ -41,6 +41,7 @@ from advgraph._ops import jax_keys
 
 from . import _private
 from ._hook import (
+    ReadOnceGrad,
     StatsBase,
     check_labels,
     delta_for_call,
@@ -149,7 +150,7 @@ def _layout(ids: Any) -> tuple[Any, Any, Any]:
     return uids, seg, valid
 
 
-class JaxSite:
+class JaxSite(ReadOnceGrad):
     """A :class:`advgraph.Site` for one trace of the JAX ``train_step``.
 
     A new site call is one method here: run the closure inside
@@ -439,15 +440,6 @@ class JaxSite:
                 f"{received(positions=flat.shape[0], ids=seg.shape[0])}"
             )
         return jax.ops.segment_sum(flat, seg, num_segments=flat.shape[0])
-
-    def site_grad(self) -> Any:
-        if self._grad is None:
-            raise RuntimeError(
-                "No gradient at the perturbation site: no forward_backward() with "
-                f"keep_grad=True since it was last read. {received(recorded_gradients=0)}"
-            )
-        grad, self._grad = self._grad, None
-        return grad
 
     def set_delta(self, delta: Any) -> None:
         self.delta = delta

@@ -66,6 +66,7 @@ from advgraph._errors import received
 
 from . import _private
 from ._hook import (
+    ReadOnceGrad,
     STAT_KEYS,
     Perturbation,
     SiteHook,
@@ -182,7 +183,7 @@ def check_loss(loss: Any) -> tf.Tensor:
     return loss
 
 
-class _KerasSite:
+class _KerasSite(ReadOnceGrad):
     """What both sites share: one forward/backward under a GradientTape."""
 
     mode = "abstract"
@@ -258,16 +259,6 @@ class _KerasSite:
             else:
                 self.param_grads = [add_grads(a, b) for a, b in zip(self.param_grads, new)]
         return tf.stop_gradient(loss)
-
-    def site_grad(self) -> Any:
-        """The gradient at the site of the last pass that kept one; read once."""
-        if self._grad is None:
-            raise RuntimeError(
-                "No gradient at the perturbation site: no forward_backward() with "
-                f"keep_grad=True since it was last read. {received(recorded_gradients=0)}"
-            )
-        grad, self._grad = self._grad, None
-        return grad
 
     def record(self, result: DeltaResult) -> None:
         self.stats.record(result)

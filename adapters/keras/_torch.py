@@ -26,6 +26,7 @@ from advgraph._errors import received
 
 from . import _private
 from ._hook import (
+    ReadOnceGrad,
     StatsBase,
     check_labels,
     delta_for_call,
@@ -82,7 +83,7 @@ def _check_loss(loss: Any) -> torch.Tensor:
     return loss
 
 
-class TorchSite:
+class TorchSite(ReadOnceGrad):
     """A :class:`advgraph.Site` for one PyTorch ``train_step``.
 
     A new site call is one method here: run the closure between
@@ -250,15 +251,6 @@ class TorchSite:
         flat = torch.cat([g.reshape(-1, g.shape[-1]) for g in grads])
         rows = torch.zeros((uids.shape[0], flat.shape[1]), dtype=flat.dtype, device=flat.device)
         return rows.index_add_(0, seg.to(flat.device), flat)
-
-    def site_grad(self) -> Any:
-        if self._grad is None:
-            raise RuntimeError(
-                "No gradient at the perturbation site: no forward_backward() with "
-                f"keep_grad=True since it was last read. {received(recorded_gradients=0)}"
-            )
-        grad, self._grad = self._grad, None
-        return grad
 
     def set_delta(self, delta: Any) -> None:
         self._made = []
