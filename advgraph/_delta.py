@@ -71,6 +71,29 @@ def _torch_compiling() -> bool:
     return bool(compiler is not None and compiler.is_compiling())
 
 
+def _eager(ops: Ops) -> bool:
+    """numpy, or torch outside ``torch.compile``: a branch on the data costs nothing."""
+    return ops.name == "numpy" or (ops.name == "torch" and not _torch_compiling())
+
+
+# The plain l2 norm (one pass, no scaling) is exact to rounding when it lies in
+# (lo, hi): below hi no square and no partial sum overflows; above lo the squares
+# that underflow (each off by at most ``tiny``) change the sum of up to 2**31 of them
+# by less than one unit in the last place. Anything else (NaN, inf, an all-zero row,
+# a norm near either end of the range) takes the scaled, masked computation.
+_MAX_COUNT = 2.0**31
+
+
+def _plain_range(ops: Ops, x: Array) -> tuple[float, float]:
+    info = ops.finfo(x)
+    return (_MAX_COUNT * float(info.tiny) / float(info.eps)) ** 0.5, float(info.max) ** 0.5 / 2.0
+
+
+def _in_range(ops: Ops, norms: Array, x: Array) -> Array:
+    lo, hi = _plain_range(ops, x)
+    return ops.logical_and(norms > lo, norms < hi)
+
+
 def _finite_part(ops: Ops, x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Array]:
     """``(clean, finite, peak)``: ``x`` with NaN/inf entries set to 0, per reduction
     whether ``x`` was all finite, and ``max |clean|`` per reduction.
@@ -83,7 +106,7 @@ def _finite_part(ops: Ops, x: Array, axes: tuple[int, ...]) -> tuple[Array, Arra
     mode, XLA) and torch inside ``torch.compile`` (a data-dependent branch would
     break the graph) always take the branch-free path.
     """
-    if ops.name == "numpy" or (ops.name == "torch" and not _torch_compiling()):
+    if _eager(ops):
         peak = ops.amax(ops.abs(x), axes)
         if bool(ops.isfinite(ops.amax(peak, tuple(range(ops.ndim(peak)))))):
             return x, ops.isfinite(peak), peak
@@ -147,7 +170,19 @@ def compute_delta(
     norm = check_choice("norm", norm, NORMS)
     ops = _check_array(grad, per_sample)
     axes = _axes(ops.ndim(grad), per_sample)
-    g, finite, peak = _finite_part(ops, ops.widen(grad), axes)
+    wide = ops.widen(grad)
+    if norm == "l2" and _eager(ops) and ops.ndim(grad) > 0:
+        # The common case, every plain norm in range, in two passes over the array (the
+        # norm, then the product); the same formula as the masked path below gives
+        # those rows, so eager and compiled code agree.
+        norms = ops.l2_norm(wide, axes)
+        if ops.all_true(_in_range(ops, norms, wide)):
+            return DeltaResult(  # every norm is finite and positive: no row skipped
+                ops.cast(wide * (epsilon / norms), ops.dtype(grad)),
+                _flag(ops, norms != norms, grad, per_sample),
+                _flag(ops, norms <= 0.0, grad, per_sample),
+            )
+    g, finite, peak = _finite_part(ops, wide, axes)
     zero = ops.logical_and(finite, peak == 0.0)
     ok = ops.logical_and(finite, ops.logical_not(zero))
     one = ops.zeros_like(peak) + 1.0
@@ -159,6 +194,10 @@ def compute_delta(
         scaled = g / ops.where(peak > 0.0, peak, one)
         sumsq = ops.where(ok, ops.sum(scaled * scaled, axes), one)
         delta = scaled * ops.where(ok, epsilon / ops.sqrt(sumsq), nothing)
+        # Rows whose plain norm is in range: the two-pass formula of the eager path.
+        plain = ops.l2_norm(g, axes)
+        direct = ops.logical_and(ok, _in_range(ops, plain, g))
+        delta = ops.where(direct, g * (epsilon / ops.where(direct, plain, one)), delta)
     else:
         delta = ops.sign(g) * ops.where(ok, one * epsilon, nothing)
     delta = ops.cast(delta, ops.dtype(grad))

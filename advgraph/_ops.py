@@ -97,7 +97,19 @@ class Ops:
     def amax(self, x: Array, axes: Sequence[int]) -> Array:
         raise NotImplementedError
 
+    def l2_norm(self, x: Array, axes: Sequence[int]) -> Array:
+        """The plain l2 norm over ``axes`` (no guard against over- or underflow)."""
+        return self.sqrt(self.sum(x * x, axes))
+
     def reshape(self, x: Array, shape: Sequence[int]) -> Array:
+        raise NotImplementedError
+
+    def finfo(self, x: Array) -> Any:
+        """``tiny``, ``eps`` and ``max`` of ``x``'s floating dtype (Python numbers)."""
+        raise NotImplementedError
+
+    # -- eager only (a Python value: never inside a traced or jitted function) --
+    def all_true(self, x: Array) -> bool:
         raise NotImplementedError
 
     # -- randomness -----------------------------------------------------------
@@ -251,6 +263,26 @@ class _ArrayApiOps(Ops):
     def amax(self, x: Array, axes: Sequence[int]) -> Array:
         return self.xp.max(x, axis=tuple(axes), keepdims=True)
 
+    def l2_norm(self, x: Array, axes: Sequence[int]) -> Array:
+        if not axes:  # a norm over no axis (torch would reduce over every axis)
+            return self.abs(x)
+        if self.name == "torch":  # one pass, no temporary array of squares
+            return sys.modules["torch"].linalg.vector_norm(x, dim=tuple(axes), keepdim=True)
+        if self.name == "numpy":
+            import numpy as np
+
+            # The caller checks the norm's range: a square that over- or underflows
+            # only puts it outside, and must not warn or raise (np.seterr).
+            with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+                return super().l2_norm(x, axes)
+        return super().l2_norm(x, axes)
+
+    def finfo(self, x: Array) -> Any:
+        return self.xp.finfo(x.dtype)
+
+    def all_true(self, x: Array) -> bool:
+        return bool(self.xp.all(x))
+
     def reshape(self, x: Array, shape: Sequence[int]) -> Array:
         if self.name == "numpy":  # numpy scalars (0-d results) become arrays again
             import numpy as np
@@ -378,6 +410,11 @@ class _TensorFlowOps(Ops):
 
     def reshape(self, x: Array, shape: Sequence[int]) -> Array:
         return self.tf.reshape(x, list(shape))
+
+    def finfo(self, x: Array) -> Any:
+        import numpy as np
+
+        return np.finfo(x.dtype.as_numpy_dtype)
 
     def uniform_like(self, x: Array, low: float, high: float, rng: Any = None) -> Array:
         tf = self.tf

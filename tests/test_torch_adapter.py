@@ -438,6 +438,28 @@ def test_padding_idx_row_is_not_perturbed():
         assert not torch.equal(model.emb.weight[3], before[3])
 
 
+@pytest.mark.parametrize(
+    "emb_kwargs",
+    [dict(scale_grad_by_freq=True), dict(padding_idx=2, scale_grad_by_freq=True), dict(padding_idx=2)],
+    ids=["by_freq", "by_freq+padding", "padding"],
+)
+def test_matrix_delta_follows_the_embeddings_own_weight_gradient(emb_kwargs):
+    """The rows' gradient is rebuilt from the lookup's output gradient: it must be
+    what nn.Embedding's own backward gives its weight (the reference), with the
+    options that change that backward (by-frequency scaling; the padding row)."""
+    torch.manual_seed(0)
+    model = MeanPool(**emb_kwargs)
+    wrapped = advgraph.wrap(model, mode="matrix", epsilon=0.5)
+    x = torch.tensor([[1, 2, 2, 2], [2, 5, 7, 1]])  # id 2 four times: its scaling matters
+    before = model.emb.weight.detach().clone()
+    F.cross_entropy(wrapped(x), torch.tensor([0, 1])).backward()
+    g = model.emb.weight.grad.clone()  # nn.Embedding's backward, rows not touched are 0
+    with wrapped.perturbed():
+        diff = model.emb.weight.detach() - before
+    torch.testing.assert_close(diff, 0.5 * g / g.norm(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(model.emb.weight.detach(), before)  # restored, bit for bit
+
+
 def test_sparse_embedding_works_in_both_modes():
     for mode in ("output", "matrix"):
         torch.manual_seed(0)

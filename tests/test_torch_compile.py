@@ -301,3 +301,62 @@ def test_a_second_copy_of_the_adapter_is_refused_not_silently_broken(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "refused: advgraph's torch adapter is already loaded" in proc.stdout, proc.stdout
     assert "Received: a second copy as 'adapters.torch._taps'" in proc.stdout
+
+
+# --------------------------------------------------------------------------- what the graphs hold
+
+
+def graphs_of(wrapped, run_model, steps: int):
+    """The FX graphs dynamo hands the backend, and how many there were after each step."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    run = torch.compile(run_model, backend=backend)
+    counts = []
+    for _ in range(steps):
+        wrapped.adversarial_step(method_closure(wrapped, run))
+        counts.append(len(seen))
+    return seen, counts
+
+
+def calls_lookup_rows(gm) -> bool:
+    return any("lookup_rows" in str(node.target) for node in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("name", ["fgm", "pgd", "freelb", "vat"])
+def test_matrix_mode_graphs_call_lookup_rows_only_where_a_draw_is_pending(name):
+    """A matrix-mode pass with no delta drawn in the forward (every FGM pass, PGD
+    without random start) compiles without the lookup_rows op (one opaque call less
+    per forward); a pass that draws (freelb's start, vat's probe) has it. Each variant
+    compiles once: later steps add no graph (a guard on a bool, not on the draw
+    function, which is a new object every step)."""
+    torch.manual_seed(0)
+    model = MeanPool()
+    settings = {"pgd": {"steps": 2}, "freelb": {"steps": 2}}.get(name, {})
+    wrapped = advgraph.wrap(model, mode="matrix", method=name, **settings)
+    seen, counts = graphs_of(wrapped, wrapped, steps=3)
+    assert graph_breaks() == 0, dict(counters["graph_break"])
+    with_op = [gm for gm in seen if calls_lookup_rows(gm)]
+    if name in ("freelb", "vat"):
+        assert with_op and len(with_op) < len(seen), (len(with_op), len(seen))
+    else:
+        assert not with_op
+    assert counts[1] == counts[2] == counts[0], counts
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["global", "per_sample"])
+def test_compute_delta_inside_a_compiled_function_is_eagers_bit_for_bit(per_sample):
+    """Inside torch.compile the core cannot branch on the data and always takes the
+    masked path; for rows whose plain norm is in range that path computes the
+    eager two-pass formula, so the delta a compiled forward draws (vat, smart,
+    r3f in output mode) is eager's exactly (aot_eager runs the same kernels)."""
+    from advgraph import compute_delta
+
+    g = torch.randn(4, 7, 5, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-3, 1.0, 3.0, 1e3]).view(4, 1, 1)
+    run = torch.compile(lambda x: compute_delta(x, 0.7, per_sample=per_sample), backend=BACKEND, fullgraph=True)
+    got, want = run(g), compute_delta(g, 0.7, per_sample=per_sample)
+    assert torch.equal(got.delta, want.delta)
+    assert torch.equal(got.nonfinite, want.nonfinite) and torch.equal(got.zero, want.zero)

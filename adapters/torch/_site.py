@@ -419,6 +419,7 @@ class MatrixSite(_Site):
     """
 
     mode = "matrix"
+    drawing = False  # (class default: a site pickled before this field existed)
 
     def __init__(self, lookups: list[nn.Module], stats: Stats) -> None:
         super().__init__(stats)
@@ -427,6 +428,10 @@ class MatrixSite(_Site):
         self._saved: torch.Tensor | None = None
         self._pending: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._applied: torch.Tensor | None = None  # what the pending function gave, by row
+        # Whether a delta function is pending: a bool (not the function, a new object
+        # each step) that a compiled forward guards on, so that a pass with nothing
+        # to draw has no lookup_rows op at all (one graph per value, no recompiles).
+        self.drawing = False
 
     @property
     def embedding(self) -> nn.Module:
@@ -448,6 +453,8 @@ class MatrixSite(_Site):
         if not args or not isinstance(args[0], torch.Tensor):
             return None
         if torch.compiler.is_compiling():
+            if not self.drawing:
+                return None
             # The rows are data-dependent (torch.unique): an opaque op does this work
             # at run time, so that the compiled graph does not break here.
             return (_taps.lookup_rows(args[0], self.key),) + tuple(args[1:])
@@ -495,12 +502,13 @@ class MatrixSite(_Site):
         self, ids: torch.Tensor, grads: torch.Tensor, emb: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What a lookup's backward computes, for the touched rows only."""
-        rows, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        by_freq = bool(getattr(emb, "scale_grad_by_freq", False))
+        rows, inverse, *counts = torch.unique(ids, return_inverse=True, return_counts=by_freq)
         acc_dtype = torch.float32 if grads.dtype in (torch.float16, torch.bfloat16) else grads.dtype
         out = torch.zeros(rows.shape[0], grads.shape[1], dtype=acc_dtype, device=grads.device)
         out.index_add_(0, inverse, grads.to(acc_dtype))
-        if getattr(emb, "scale_grad_by_freq", False):
-            out.div_(counts.to(acc_dtype).unsqueeze(1))
+        if by_freq:
+            out.div_(counts[0].to(acc_dtype).unsqueeze(1))
         padding_idx = getattr(emb, "padding_idx", None)
         if padding_idx is not None:
             out.masked_fill_((rows == padding_idx).unsqueeze(1), 0.0)
@@ -560,9 +568,11 @@ class MatrixSite(_Site):
                     self.weight.index_copy_(0, self._rows, self._saved)
                 self._saved = None
             self._pending, self._applied = delta, None
+            self.drawing = True
             self.active = True
             return
         self._pending, self._applied = None, None
+        self.drawing = False
         if self._rows is None:
             raise RuntimeError("set_delta() before site_grad(): no rows to perturb.")
         weight = self.weight
@@ -577,6 +587,7 @@ class MatrixSite(_Site):
 
     def clear(self) -> None:
         self._pending, self._applied = None, None
+        self.drawing = False
         self._fresh = True
         if self._saved is not None:
             with torch.no_grad():
