@@ -92,6 +92,8 @@ def median_ci95(values: list[float]) -> tuple[float, float]:
     shape, which on a shared machine is skewed (slow rounds, never fast ones)."""
     ordered = sorted(values)
     n = len(ordered)
+    if n < 6:  # even (min, max) covers the median with probability 1 - 2**(1-n) < 0.95
+        return -math.inf, math.inf
     half = 1.96 * math.sqrt(n) / 2.0
     j = max(0, math.floor(n / 2.0 - half) - 1)
     k = min(n - 1, math.ceil(n / 2.0 + half))

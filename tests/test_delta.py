@@ -470,6 +470,15 @@ def test_rows_beside_a_nonfinite_row_keep_their_delta_bit_for_bit(backend):
     rng = np.random.default_rng(0)
     g64 = rng.standard_normal((6, 33)) * np.array([1e-3, 1.0, 7.0, 1e3, 0.1, 3.0])[:, None]
     alone = to_numpy(compute_delta(to_backend(g64, backend, "float32"), 0.7, per_sample=True).delta)
+    g32 = g64.astype(np.float32)  # the two-pass formula, written by hand
+    if backend == "torch":
+        import torch
+
+        t = torch.from_numpy(g32)
+        by_hand = (t * (0.7 / torch.linalg.vector_norm(t, dim=1, keepdim=True))).numpy()
+    else:
+        by_hand = g32 * (0.7 / np.sqrt((g32 * g32).sum(axis=1, keepdims=True)))
+    assert np.array_equal(alone, by_hand)
     poisoned = g64.copy()
     poisoned[2, 5] = np.nan
     result = compute_delta(to_backend(poisoned, backend, "float32"), 0.7, per_sample=True)
@@ -479,7 +488,6 @@ def test_rows_beside_a_nonfinite_row_keep_their_delta_bit_for_bit(backend):
     assert not got[2].any() and to_numpy(result.nonfinite).tolist() == [False, False, True, False, False, False]
     # The check can fail: the scaled formula (g / max|g| normalised) differs from
     # the two-pass one in the last bits of these rows.
-    g32 = g64.astype(np.float32)
     scaled = g32 / np.abs(g32).max(axis=1, keepdims=True)
     other = scaled * (np.float32(0.7) / np.sqrt((scaled * scaled).sum(axis=1, keepdims=True)))
     assert not np.array_equal(other[keep], alone[keep])

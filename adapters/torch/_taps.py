@@ -19,7 +19,8 @@ needs the gradient at the site asks autograd for the anchor's gradient.
 Matrix mode perturbs the rows a batch touches. When the delta is drawn inside the
 forward (a random start, noise), the lookup's pre-hook finds those rows
 (``torch.unique``: an output shape that depends on the data, which dynamo cannot
-keep in a graph). Inside a compiled region the pre-hook therefore calls
+keep in a graph). Inside a compiled region, in a pass with such a draw pending
+(the site's ``drawing`` flag, a bool the graph guards on), the pre-hook therefore calls
 
 * ``advgraph::lookup_rows(ids, site)``: the ids unchanged (a copy, which the
   lookup then reads, so the op runs before it); as a side effect the site
