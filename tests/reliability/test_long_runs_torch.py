@@ -119,8 +119,8 @@ def test_long_run_no_memory_growth_and_no_drift(method, steps, kwargs):
     # (>= 56 bytes) a step would exceed this bound.
     assert growth <= 56 * window, growth
     # Python objects between warm-up and the traced window (counted before any snapshot
-    # exists): no per-step growth. One container a step (what gc tracks) adds `middle - warmup` (800 for
-    # fgm, 50 for pgd) to each half.
+    # exists): no per-step growth. One container a step (what gc tracks) adds
+    # `middle - warmup` (800 for fgm, 50 for pgd) to each half.
     halves = (objects[middle] - objects[warmup], objects[steps - window] - objects[middle])
     assert min(halves) < (middle - warmup) // 2, halves
     # Tensor memory held: within 1% after warm-up.
