@@ -194,10 +194,12 @@ def compute_delta(
         scaled = g / ops.where(peak > 0.0, peak, one)
         sumsq = ops.where(ok, ops.sum(scaled * scaled, axes), one)
         delta = scaled * ops.where(ok, epsilon / ops.sqrt(sumsq), nothing)
-        # Rows whose plain norm is in range: the two-pass formula of the eager path.
+        # Rows whose plain norm is in range: the two-pass formula of the eager path. The
+        # other rows are zeroed before the product, so it never overflows there either.
         plain = ops.l2_norm(g, axes)
         direct = ops.logical_and(ok, _in_range(ops, plain, g))
-        delta = ops.where(direct, g * (epsilon / ops.where(direct, plain, one)), delta)
+        picked = ops.where(direct, g, ops.zeros_like(g))
+        delta = ops.where(direct, picked * (epsilon / ops.where(direct, plain, one)), delta)
     else:
         delta = ops.sign(g) * ops.where(ok, one * epsilon, nothing)
     delta = ops.cast(delta, ops.dtype(grad))

@@ -494,6 +494,19 @@ def test_rows_beside_a_nonfinite_row_keep_their_delta_bit_for_bit(backend):
     np.testing.assert_allclose(other[keep], alone[keep], rtol=1e-6)
 
 
+@pytest.mark.parametrize("per_sample", [False, True], ids=["global", "per_sample"])
+def test_numpy_never_computes_an_overflowing_value(per_sample):
+    """The module's promise: masking keeps every operation finite, so numpy neither
+    warns nor raises under np.seterr, also for rows outside the two-pass range (here
+    next to an in-range row, so both formulas are computed)."""
+    g = np.full((3, 5), 3e38, dtype=np.float32)
+    g[1] = 1.0
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        d = compute_delta(g, 1.3, per_sample=per_sample).delta
+    assert np.isfinite(d).all()
+    np.testing.assert_allclose(norms(d.astype(np.float64), per_sample), 1.3, rtol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_huge_gradient(backend):
     require_backend(backend)
