@@ -79,8 +79,9 @@ def _eager(ops: Ops) -> bool:
 # The plain l2 norm (one pass, no scaling) is exact to rounding when it lies in
 # (lo, hi): below hi no square and no partial sum overflows; above lo the squares
 # that underflow (each off by at most ``tiny``) change a sum of up to 2**31 of them by
-# at most ``eps`` relative (one or two units in the last place, as rounding does). Anything else (NaN, inf, an all-zero row,
-# a norm near either end of the range) takes the scaled, masked computation.
+# at most ``eps`` relative (one or two units in the last place, as rounding does).
+# Anything else (NaN, inf, an all-zero row, a norm near either end of the range)
+# takes the scaled, masked computation.
 _MAX_COUNT = 2.0**31
 
 
