@@ -274,7 +274,9 @@ def project(
         safe_peak = ops.where(peak > 0.0, peak, one)
         scaled = d / safe_peak
         length = ops.sqrt(ops.where(ok, ops.sum(scaled * scaled, axes), one)) * safe_peak
-        factor = ops.where(length > epsilon, epsilon / length, one)
+        outside = length > epsilon
+        # The quotient only where it is used: a tiny length would overflow it elsewhere.
+        factor = ops.where(outside, epsilon / ops.where(outside, length, one), one)
         out = d * factor
     else:
         out = ops.clip(d, -epsilon, epsilon)

@@ -497,14 +497,23 @@ def test_rows_beside_a_nonfinite_row_keep_their_delta_bit_for_bit(backend):
 @pytest.mark.parametrize("per_sample", [False, True], ids=["global", "per_sample"])
 def test_numpy_never_computes_an_overflowing_value(per_sample):
     """The module's promise: masking keeps every operation finite, so numpy neither
-    warns nor raises under np.seterr, also for rows outside the two-pass range (here
-    next to an in-range row, so both formulas are computed)."""
+    warns nor raises under np.seterr: compute_delta also for rows outside the two-pass
+    range (next to an in-range row, so both formulas are computed), and project()."""
     g = np.full((3, 5), 3e38, dtype=np.float32)
     g[1] = 1.0
     with np.errstate(over="raise", invalid="raise", divide="raise"):
         d = compute_delta(g, 1.3, per_sample=per_sample).delta
     assert np.isfinite(d).all()
     np.testing.assert_allclose(norms(d.astype(np.float64), per_sample), 1.3, rtol=1e-6)
+    # project(): a row of tiny (subnormal) entries next to one outside the ball; the
+    # scaling factor of the inside row must not be computed (it would overflow).
+    p = np.full((3, 5), 2.0, dtype=np.float32)
+    p[1] = 1e-44
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        out = project(p, 1.3, per_sample=per_sample)
+    assert np.isfinite(out).all()
+    if per_sample:
+        assert np.array_equal(out[1], p[1])  # inside the ball: unchanged
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
