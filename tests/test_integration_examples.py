@@ -65,9 +65,25 @@ def stats(line: str) -> dict:
     return ast.literal_eval(re.search(r"advgraph (\{.*?\})", line).group(1))
 
 
+def torchrun_retrying_a_teardown_abort(script: str, *args: str) -> str:
+    """``torchrun``; once more if a rank aborted in C++ teardown after both ranks had
+    finished and printed their results ("terminate called without an active
+    exception", SIGABRT: seen once in CI under load, in a third-party library's thread
+    at exit, after ``destroy_process_group``; not reproduced in 4 idle runs). Any
+    other failure, or the same abort twice, fails the test."""
+    try:
+        return torchrun(script, *args)
+    except AssertionError as error:
+        text = str(error)
+        finished = len(re.findall(r"rank \d: advgraph \{.*?\}, weights checksum", text)) == 2
+        if not (finished and "terminate called without an active exception" in text):
+            raise
+        return torchrun(script, *args)
+
+
 @needs("transformers", "accelerate")
 def test_hf_trainer_example_under_torchrun(tmp_path):
-    out = torchrun("hf_trainer.py", "--output-dir", str(tmp_path), "--steps", "30")
+    out = torchrun_retrying_a_teardown_abort("hf_trainer.py", "--output-dir", str(tmp_path), "--steps", "30")
     # The checksum as a number: the two ranks share one stdout, and with unbuffered output
     # print() writes the line and its newline separately, so another rank's output can
     # land right after the number (seen once: "1.5097218761e+02{'eval_loss': ...").
