@@ -19,7 +19,8 @@ Ratios are reported per round (both variants of a ratio timed in the same round,
 they see the same load): the median with its 95 % confidence interval (order
 statistics) and spread (IQR and min-max), and the ratio of medians. On a shared
 2-core machine one round's ratio varies by +-5 % or more: with 100 rounds the median's
-interval is still +-1.5-3 %, and two runs' medians differ by as much. The table also shows compiled FGM against eager FGM (the speed-up compiling
+interval is still +-1-4 %, and two runs' medians differ by as much. The table also
+shows compiled FGM against eager FGM (the speed-up compiling
 brings) and the graph breaks dynamo counted (target 0).
 
     python benchmarks/bench_torch_compile.py [--repeats 100] [--mode output|matrix] [--json out.json]
