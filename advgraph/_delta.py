@@ -85,14 +85,32 @@ def _eager(ops: Ops) -> bool:
 _MAX_COUNT = 2.0**31
 
 
+_RANGES: dict[str, tuple[float, float]] = {}  # by dtype name: the range for each dtype
+
+
 def _plain_range(ops: Ops, x: Array) -> tuple[float, float]:
-    info = ops.finfo(x)
-    return (_MAX_COUNT * float(info.tiny) / float(info.eps)) ** 0.5, float(info.max) ** 0.5 / 2.0
+    key = f"{ops.name}:{ops.dtype(x)}"
+    found = _RANGES.get(key)
+    if found is None:
+        info = ops.finfo(x)
+        found = (_MAX_COUNT * float(info.tiny) / float(info.eps)) ** 0.5, float(info.max) ** 0.5 / 2.0
+        _RANGES[key] = found
+    return found
 
 
 def _in_range(ops: Ops, norms: Array, x: Array) -> Array:
     lo, hi = _plain_range(ops, x)
     return ops.logical_and(norms > lo, norms < hi)
+
+
+def _all_in_range(ops: Ops, norms: Array, x: Array) -> bool:
+    """Eagerly: whether every norm is in the plain range (False for NaN). One norm
+    (a global delta, matrix mode) is compared as a Python number: one read, no
+    array operations."""
+    if ops.size(norms) == 1:
+        lo, hi = _plain_range(ops, x)
+        return lo < ops.to_float(norms) < hi
+    return ops.all_true(_in_range(ops, norms, x))
 
 
 def _finite_part(ops: Ops, x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Array]:
@@ -177,11 +195,13 @@ def compute_delta(
         # norm, then the product); the same formula as the masked path below gives
         # those rows, so eager and compiled code agree.
         norms = ops.l2_norm(wide, axes)
-        if ops.all_true(_in_range(ops, norms, wide)):
-            return DeltaResult(  # every norm is finite and positive: no row skipped
+        if _all_in_range(ops, norms, wide):
+            # Every norm is finite and positive: no row skipped, both flags False.
+            flags = (ops.size(norms),) if per_sample else ()
+            return DeltaResult(
                 ops.cast(wide * (epsilon / norms), ops.dtype(grad)),
-                _flag(ops, norms != norms, grad, per_sample),
-                _flag(ops, norms <= 0.0, grad, per_sample),
+                ops.falses(norms, flags),
+                ops.falses(norms, flags),
             )
     g, finite, peak = _finite_part(ops, wide, axes)
     zero = ops.logical_and(finite, peak == 0.0)

@@ -112,6 +112,21 @@ class Ops:
     def all_true(self, x: Array) -> bool:
         raise NotImplementedError
 
+    def size(self, x: Array) -> int:
+        """The number of entries of ``x``."""
+        count = 1
+        for n in x.shape:
+            count *= int(n)
+        return count
+
+    def to_float(self, x: Array) -> float:
+        """The value of a one-entry array as a Python float."""
+        raise NotImplementedError
+
+    def falses(self, like: Array, shape: Sequence[int]) -> Array:
+        """A boolean array of ``shape``, all False, of ``like``'s library and device."""
+        raise NotImplementedError
+
     # -- randomness -----------------------------------------------------------
     def generator(self, rng: Any = None) -> Any:
         """Return one generator to draw every random number of a call from."""
@@ -282,6 +297,14 @@ class _ArrayApiOps(Ops):
 
     def all_true(self, x: Array) -> bool:
         return bool(self.xp.all(x))
+
+    def to_float(self, x: Array) -> float:
+        return float(x.reshape(()).item()) if self.name == "torch" else float(x.reshape(()))
+
+    def falses(self, like: Array, shape: Sequence[int]) -> Array:
+        if self.name == "torch":
+            return sys.modules["torch"].zeros(tuple(shape), dtype=sys.modules["torch"].bool, device=like.device)
+        return self.xp.zeros(tuple(shape), dtype=self.xp.bool)
 
     def reshape(self, x: Array, shape: Sequence[int]) -> Array:
         if self.name == "numpy":  # numpy scalars (0-d results) become arrays again

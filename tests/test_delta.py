@@ -862,3 +862,49 @@ def test_public_names_are_the_core_functions():
     assert advgraph.compute_delta is compute_delta
     assert advgraph.project is project
     assert advgraph.random_init is random_init
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("shape, per_sample, flags", [
+    ((5, 3), False, ()), ((5, 3), True, (5,)), ((1, 3), True, (1,)), ((4,), False, ()),
+], ids=["global", "per_sample", "per_sample_batch_1", "vector"])
+def test_two_pass_path_flags_are_false_arrays_of_the_gradients_library(library, shape, per_sample, flags):
+    """Every norm in range (the eager two-pass path; a single norm is compared as a
+    Python number): no row is skipped, so both flags are all False, with the shape
+    the docs give, as bool arrays of the gradient's own library; and delta is the
+    two-pass formula, entry for entry (numpy float64 reference)."""
+    g64 = np.random.default_rng(0).normal(size=shape)
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        grad = torch.tensor(g64)
+        array_type, as_numpy = torch.Tensor, lambda a: a.numpy()
+    else:
+        grad, array_type, as_numpy = g64, np.ndarray, np.asarray
+    result = compute_delta(grad, 0.5, per_sample=per_sample)
+    for flag in (result.nonfinite, result.zero):
+        assert isinstance(flag, array_type)
+        assert as_numpy(flag).dtype == np.bool_ and as_numpy(flag).shape == flags
+        assert not as_numpy(flag).any()
+    assert result.nonfinite is not result.zero  # two arrays: one changed leaves the other
+    axes = tuple(range(1, len(shape))) if per_sample else tuple(range(len(shape)))
+    expected = g64 * (0.5 / np.sqrt(np.sum(g64 * g64, axis=axes, keepdims=True)))
+    np.testing.assert_allclose(as_numpy(result.delta), expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, 1e-30, 1e30])
+def test_one_norm_out_of_the_plain_range_takes_the_masked_path(bad):
+    """A global delta's single norm, compared as a Python number: NaN, inf, zero and
+    norms beyond either end of the plain range (float32: below ~1.4e-11 or above
+    ~9.2e18) are not in range, and give what the masked path gives (0 and a flag,
+    or the direction computed on scaled values)."""
+    torch = pytest.importorskip("torch")
+    grad = torch.tensor([bad, bad / 2 if bad == bad else bad], dtype=torch.float32)
+    result = compute_delta(grad, 1.0)
+    if bad != bad or bad in (float("inf"),):
+        assert bool(result.nonfinite) and torch.equal(result.delta, torch.zeros(2))
+    elif bad == 0.0:
+        assert bool(result.zero) and torch.equal(result.delta, torch.zeros(2))
+    else:
+        assert not bool(result.nonfinite) and not bool(result.zero)
+        expected = np.array([2.0, 1.0]) / math.sqrt(5.0)
+        np.testing.assert_allclose(result.delta.numpy(), expected, rtol=1e-6)

@@ -438,21 +438,35 @@ def test_padding_idx_row_is_not_perturbed():
         assert not torch.equal(model.emb.weight[3], before[3])
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize(
     "emb_kwargs",
-    [dict(scale_grad_by_freq=True), dict(padding_idx=2, scale_grad_by_freq=True), dict(padding_idx=2)],
-    ids=["by_freq", "by_freq+padding", "padding"],
+    [
+        dict(scale_grad_by_freq=True),
+        dict(padding_idx=2, scale_grad_by_freq=True),
+        dict(padding_idx=2),
+        dict(padding_idx=1),  # the first touched row
+        dict(padding_idx=7),  # the last touched row
+        dict(padding_idx=3),  # not touched, between touched rows
+        dict(padding_idx=0),  # not touched, below every touched row
+        dict(padding_idx=9),  # not touched, above every touched row
+    ],
+    ids=["by_freq", "by_freq+padding", "padding", "padding_first", "padding_last",
+         "padding_untouched_between", "padding_untouched_below", "padding_untouched_above"],
 )
-def test_matrix_delta_follows_the_embeddings_own_weight_gradient(emb_kwargs):
+def test_matrix_delta_follows_the_embeddings_own_weight_gradient(emb_kwargs, compiled):
     """The rows' gradient is rebuilt from the lookup's output gradient: it must be
     what nn.Embedding's own backward gives its weight (the reference), with the
-    options that change that backward (by-frequency scaling; the padding row)."""
+    options that change that backward (by-frequency scaling; the padding row, where
+    ever it falls among the touched rows). Compiled, the tap in the compiled backward
+    builds it (``aot_eager``)."""
     torch.manual_seed(0)
     model = MeanPool(**emb_kwargs)
     wrapped = advgraph.wrap(model, mode="matrix", epsilon=0.5)
+    forward = torch.compile(wrapped, backend="aot_eager") if compiled else wrapped
     x = torch.tensor([[1, 2, 2, 2], [2, 5, 7, 1]])  # ids 2 (4 times) and 1 (twice): scaling matters
     before = model.emb.weight.detach().clone()
-    F.cross_entropy(wrapped(x), torch.tensor([0, 1])).backward()
+    F.cross_entropy(forward(x), torch.tensor([0, 1])).backward()
     g = model.emb.weight.grad.clone()  # nn.Embedding's backward, rows not touched are 0
     with wrapped.perturbed():
         diff = model.emb.weight.detach() - before

@@ -1,7 +1,7 @@
 """torch.compile: a wrapped model compiles without graph breaks, with eager's gradients.
 
 Eagerly the site reads the gradient with a tensor hook; inside a compiled region
-the output goes through the ``advgraph::site_tap`` custom op instead (a hook with
+the output goes through the ``advgraph::site_tap_v2`` custom op instead (a hook with
 Python side effects would break the graph). The backend is ``aot_eager``: dynamo
 and AOTAutograd trace exactly as with inductor, without the C++ compile time
 (benchmarks/bench_torch_compile.py runs inductor).
@@ -368,3 +368,36 @@ def test_compute_delta_inside_a_compiled_function_is_eagers_bit_for_bit(per_samp
     other = scaled * (0.7 / scaled.square().sum(dim=dims, keepdim=True).sqrt())
     assert not torch.equal(other, want.delta)
     assert torch.equal(got.nonfinite, want.nonfinite) and torch.equal(got.zero, want.zero)
+
+
+# --------------------------------------------------------------------------- the backward tap
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_the_site_keeps_nothing_of_the_buffer_the_compiled_backward_hands_it(mode):
+    """The gradient reaches the site through ``advgraph::grad_tap_v2`` as a buffer of
+    the compiled backward, which inductor may reuse for a later result once the tap
+    has read it. The site must keep what it made of it (a copy; matrix mode: the
+    touched rows' gradient), never the buffer itself. Here the buffer is overwritten
+    right after the tap (as a reuse would), and the site's gradient is checked
+    against the gradient as it was: output mode the buffer's old values, matrix mode
+    what nn.Embedding's own backward gives the touched rows for that output
+    gradient."""
+    torch.manual_seed(0)
+    model = MeanPool()
+    wrapped = advgraph.wrap(model, mode=mode)
+    site = wrapped.__dict__["_advgraph"].site
+    grad = torch.randn(4, 6, 8)
+    kept = grad.clone()
+    site.new_pass()
+    torch.ops.advgraph.grad_tap_v2(grad, X if mode == "matrix" else None, site.key, 0, 0)
+    grad.fill_(float("nan"))  # the compiled backward writes another result there
+    got = site.site_grad()
+    if mode == "output":
+        assert torch.equal(got, kept)
+        return
+    weight = model.emb.weight.detach().requires_grad_()
+    (dense,) = torch.autograd.grad((F.embedding(X, weight) * kept).sum(), weight)
+    rows = torch.unique(X)
+    assert torch.equal(site._rows, rows)
+    torch.testing.assert_close(got, dense[rows], rtol=1e-6, atol=1e-6)

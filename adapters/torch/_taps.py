@@ -6,11 +6,20 @@ cannot keep such a hook in the graph when its body has Python side effects
 region the output goes through two custom ops instead, which dynamo and
 AOTAutograd treat as opaque graph nodes:
 
-* ``advgraph::site_tap(x, anchor, ids, site, call, index)``: identity (a copy)
+* ``advgraph::site_tap_v2(x, anchor, ids, site, call, index)``: identity (a copy)
   in the forward. Its backward is
-* ``advgraph::grad_tap(grad, ids, site, call, index)``, which runs at backward
+* ``advgraph::grad_tap_v2(grad, ids, site, call, index)``, which runs at backward
   time with the real gradient and hands it to the site registered under
-  ``site`` (an int baked into the graph), then returns it unchanged.
+  ``site`` (an int baked into the graph). The gradient itself flows on past the
+  op (the backward returns it), so the op copies nothing on the way; the site
+  keeps only what it made from ``grad`` during the call (a copy, or the touched
+  rows' gradient), never ``grad`` itself, whose buffer the compiled backward may
+  reuse once its last reader ran.
+
+The ``_v2`` in the names: inductor caches compiled graphs on disk under a key
+made from the forward graph, which names the op but not the backward registered
+for it; a change to the backward therefore needs a new name, or a cache filled
+by the previous advgraph would run the old backward code against the new op.
 
 ``anchor`` is a 0-dim leaf of the site that requires grad: its (zero) gradient
 is a graph output of the backward, so the tap always runs, and a pass that only
@@ -42,7 +51,7 @@ def _refuse_a_second_copy() -> None:
     would re-register them against its own, empty ``SITES``, and every compiled
     advgraph model would silently stop finding its site."""
     try:
-        torch.ops.advgraph.site_tap
+        torch.ops.advgraph.site_tap_v2
     except AttributeError:
         return
     raise ImportError(
@@ -58,22 +67,22 @@ _refuse_a_second_copy()
 SITES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 
 
-@torch.library.custom_op("advgraph::grad_tap", mutates_args=())
+@torch.library.custom_op("advgraph::grad_tap_v2", mutates_args=())
 def _grad_tap(
     grad: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     owner = SITES.get(site)
     if owner is not None:
         owner.on_compiled_grad(call, ids, index, grad)
-    return grad.clone(), grad.new_zeros(())
+    return grad.new_zeros(())  # the anchor's gradient
 
 
 @_grad_tap.register_fake
 def _(grad: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int) -> Any:
-    return torch.empty_like(grad), grad.new_empty(())
+    return grad.new_empty(())
 
 
-@torch.library.custom_op("advgraph::site_tap", mutates_args=())
+@torch.library.custom_op("advgraph::site_tap_v2", mutates_args=())
 def _site_tap(
     x: torch.Tensor, anchor: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
 ) -> torch.Tensor:
@@ -94,8 +103,8 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
     (ids,) = ctx.saved_tensors
-    grad_x, grad_anchor = torch.ops.advgraph.grad_tap(grad, ids, ctx.site, ctx.call, ctx.index)
-    return grad_x, grad_anchor.to(device=ctx.anchor_device, dtype=ctx.anchor_dtype), None, None, None, None
+    grad_anchor = torch.ops.advgraph.grad_tap_v2(grad, ids, ctx.site, ctx.call, ctx.index)
+    return grad, grad_anchor.to(device=ctx.anchor_device, dtype=ctx.anchor_dtype), None, None, None, None
 
 
 _site_tap.register_autograd(_backward, setup_context=_setup)
@@ -105,7 +114,7 @@ def tap(
     x: torch.Tensor, anchor: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
 ) -> torch.Tensor:
     """``x`` unchanged; its gradient goes to the site registered under ``site``."""
-    return torch.ops.advgraph.site_tap(x, anchor, ids, site, call, index)
+    return torch.ops.advgraph.site_tap_v2(x, anchor, ids, site, call, index)
 
 
 @torch.library.custom_op("advgraph::lookup_rows", mutates_args=())
