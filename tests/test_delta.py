@@ -868,11 +868,17 @@ def test_public_names_are_the_core_functions():
 @pytest.mark.parametrize("shape, per_sample, flags", [
     ((5, 3), False, ()), ((5, 3), True, (5,)), ((1, 3), True, (1,)), ((4,), False, ()),
 ], ids=["global", "per_sample", "per_sample_batch_1", "vector"])
-def test_two_pass_path_flags_are_false_arrays_of_the_gradients_library(library, shape, per_sample, flags):
+def test_two_pass_path_flags_are_false_arrays_of_the_gradients_library(library, shape, per_sample, flags, monkeypatch):
     """Every norm in range (the eager two-pass path; a single norm is compared as a
     Python number): no row is skipped, so both flags are all False, with the shape
     the docs give, as bool arrays of the gradient's own library; and delta is the
-    two-pass formula, entry for entry (numpy float64 reference)."""
+    two-pass formula, entry for entry (numpy float64 reference). The masked path
+    (which starts with ``_finite_part``) must not run."""
+    from advgraph import _delta
+
+    masked = []
+    finite_part = _delta._finite_part
+    monkeypatch.setattr(_delta, "_finite_part", lambda *a: (masked.append(1), finite_part(*a))[1])
     g64 = np.random.default_rng(0).normal(size=shape)
     if library == "torch":
         torch = pytest.importorskip("torch")
@@ -889,17 +895,35 @@ def test_two_pass_path_flags_are_false_arrays_of_the_gradients_library(library, 
     axes = tuple(range(1, len(shape))) if per_sample else tuple(range(len(shape)))
     expected = g64 * (0.5 / np.sqrt(np.sum(g64 * g64, axis=axes, keepdims=True)))
     np.testing.assert_allclose(as_numpy(result.delta), expected, rtol=1e-14, atol=0)
+    assert masked == []
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, 1e-30, 1e30])
-def test_one_norm_out_of_the_plain_range_takes_the_masked_path(bad):
+def test_falses_are_on_the_arrays_device():
+    torch = pytest.importorskip("torch")
+    from advgraph._ops import ops_for
+
+    like = torch.empty(2, device="meta")
+    flags = ops_for(like).falses(like, (3,))
+    assert flags.device.type == "meta" and flags.dtype == torch.bool and flags.shape == (3,)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, 1e-22, 1e-30, 1e30, 1e19])
+def test_one_norm_out_of_the_plain_range_takes_the_masked_path(bad, monkeypatch):
     """A global delta's single norm, compared as a Python number: NaN, inf, zero and
     norms beyond either end of the plain range (float32: below ~1.4e-11 or above
-    ~9.2e18) are not in range, and give what the masked path gives (0 and a flag,
-    or the direction computed on scaled values)."""
+    ~9.2e18) are not in range: the masked path runs (spied on) and gives 0 and a
+    flag, or the direction computed on scaled values. 1e-22 has a finite, nonzero
+    plain norm whose squares lost precision to underflow (the two-pass formula is off
+    by ~4e-3 there); 1e19 a finite plain norm above the upper end."""
     torch = pytest.importorskip("torch")
+    from advgraph import _delta
+
+    masked = []
+    finite_part = _delta._finite_part
+    monkeypatch.setattr(_delta, "_finite_part", lambda *a: (masked.append(1), finite_part(*a))[1])
     grad = torch.tensor([bad, bad / 2 if bad == bad else bad], dtype=torch.float32)
     result = compute_delta(grad, 1.0)
+    assert masked == [1]
     if bad != bad or bad in (float("inf"),):
         assert bool(result.nonfinite) and torch.equal(result.delta, torch.zeros(2))
     elif bad == 0.0:

@@ -454,20 +454,36 @@ def test_padding_idx_row_is_not_perturbed():
     ids=["by_freq", "by_freq+padding", "padding", "padding_first", "padding_last",
          "padding_untouched_between", "padding_untouched_below", "padding_untouched_above"],
 )
-def test_matrix_delta_follows_the_embeddings_own_weight_gradient(emb_kwargs, compiled):
+def test_matrix_delta_follows_the_embeddings_own_weight_gradient(emb_kwargs, compiled, monkeypatch):
     """The rows' gradient is rebuilt from the lookup's output gradient: it must be
-    what nn.Embedding's own backward gives its weight (the reference), with the
-    options that change that backward (by-frequency scaling; the padding row, where
-    ever it falls among the touched rows). Compiled, the tap in the compiled backward
-    builds it (``aot_eager``)."""
+    what nn.Embedding's own backward gives its weight (the reference: an unwrapped
+    copy run eagerly), with the options that change that backward (by-frequency
+    scaling; the padding row, where ever it falls among the touched rows). Compiled,
+    the tap in the compiled backward builds it (``aot_eager``; the test checks that
+    the compiled tap ran)."""
+    from advgraph.adapters.torch._site import MatrixSite
+
     torch.manual_seed(0)
     model = MeanPool(**emb_kwargs)
-    wrapped = advgraph.wrap(model, mode="matrix", epsilon=0.5)
-    forward = torch.compile(wrapped, backend="aot_eager") if compiled else wrapped
+    reference = copy.deepcopy(model)
     x = torch.tensor([[1, 2, 2, 2], [2, 5, 7, 1]])  # ids 2 (4 times) and 1 (twice): scaling matters
+    y = torch.tensor([0, 1])
+    F.cross_entropy(reference(x), y).backward()
+    g = reference.emb.weight.grad  # nn.Embedding's backward, rows not touched are 0
+    taps = []
+    tap = MatrixSite.on_compiled_grad
+    monkeypatch.setattr(MatrixSite, "on_compiled_grad", lambda self, *a: (taps.append(1), tap(self, *a))[1])
+    wrapped = advgraph.wrap(model, mode="matrix", epsilon=0.5)
+    if compiled:
+        torch._dynamo.reset()  # a fresh cache: no earlier test's graphs, no recompile limit
+        forward = torch.compile(wrapped, backend="aot_eager", fullgraph=True)
+    else:
+        forward = wrapped
     before = model.emb.weight.detach().clone()
-    F.cross_entropy(forward(x), torch.tensor([0, 1])).backward()
-    g = model.emb.weight.grad.clone()  # nn.Embedding's backward, rows not touched are 0
+    F.cross_entropy(forward(x), y).backward()
+    assert len(taps) == (1 if compiled else 0)
+    # The gradient flows on past the tap unchanged (the weight's own gradient).
+    torch.testing.assert_close(model.emb.weight.grad, g, rtol=1e-6, atol=1e-7)
     with wrapped.perturbed():
         diff = model.emb.weight.detach() - before
     # diff = (w + d) - w carries half a unit in the last place of w + d.

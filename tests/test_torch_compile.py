@@ -373,8 +373,8 @@ def test_compute_delta_inside_a_compiled_function_is_eagers_bit_for_bit(per_samp
 # --------------------------------------------------------------------------- the backward tap
 
 
-@pytest.mark.parametrize("mode", ["output", "matrix"])
-def test_the_site_keeps_nothing_of_the_buffer_the_compiled_backward_hands_it(mode):
+@pytest.mark.parametrize("mode", ["output", "matrix", "matrix-reduced-when-read"])
+def test_the_site_keeps_nothing_of_the_buffer_the_compiled_backward_hands_it(mode, monkeypatch):
     """The gradient reaches the site through ``advgraph::grad_tap_v2`` as a buffer of
     the compiled backward, which inductor may reuse for a later result once the tap
     has read it. The site must keep what it made of it (a copy; matrix mode: the
@@ -382,7 +382,14 @@ def test_the_site_keeps_nothing_of_the_buffer_the_compiled_backward_hands_it(mod
     right after the tap (as a reuse would), and the site's gradient is checked
     against the gradient as it was: output mode the buffer's old values, matrix mode
     what nn.Embedding's own backward gives the touched rows for that output
-    gradient."""
+    gradient. On the CPU matrix mode reduces at the tap; on an accelerator it keeps a
+    copy and reduces when read (``torch.unique`` would stall the backward there):
+    the third case takes that route on the CPU."""
+    from advgraph.adapters.torch._site import MatrixSite
+
+    if mode == "matrix-reduced-when-read":
+        monkeypatch.setattr(MatrixSite, "_reduces_at_the_tap", staticmethod(lambda grad: False))
+        mode = "matrix"
     torch.manual_seed(0)
     model = MeanPool()
     wrapped = advgraph.wrap(model, mode=mode)

@@ -75,7 +75,9 @@ class _Site(SiteCalls):
         # Outputs are held only while forward_backward() runs (for autograd.grad).
         self._outputs: list[torch.Tensor] = []
         self._keep_outputs = False
-        self._grad_parts: list[tuple[Any, torch.Tensor]] = []
+        # ((call, key), gradient): the output gradient; matrix mode's compiled tap may
+        # hand in the touched rows' gradient instead, as a (rows, gradient) pair.
+        self._grad_parts: list[tuple[Any, Any]] = []
         self._grad_keys: set[int] = set()
         self._pass = 0
         self._grad_pass = -1
@@ -558,10 +560,18 @@ class MatrixSite(_Site):
     def on_compiled_grad(
         self, call: int, ids: torch.Tensor | None, index: int, grad: torch.Tensor
     ) -> None:
-        """The compiled path's tap: the touched rows' gradient is made now, while the
-        compiled backward still holds ``grad`` (it may reuse the buffer after)."""
+        """The compiled path's tap. The compiled backward may reuse ``grad``'s buffer
+        after this call, so the site keeps what it makes of it now: on the CPU the
+        touched rows' gradient (no copy of the whole gradient); on an accelerator a
+        copy, reduced when read, because ``torch.unique`` waits for the device and
+        would stall the backward midway."""
         module = self.lookups[index] if index < len(self.lookups) else None
-        self._on_grad(self._pass, call, (ids, module), self._reduce(ids, module, grad))
+        kept = self._reduce(ids, module, grad) if self._reduces_at_the_tap(grad) else grad.clone()
+        self._on_grad(self._pass, call, (ids, module), kept)
+
+    @staticmethod
+    def _reduces_at_the_tap(grad: torch.Tensor) -> bool:
+        return grad.device.type == "cpu"
 
     def _add_rows(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
         """Perturb ``rows`` (not perturbed yet) by ``delta``, saving them first."""

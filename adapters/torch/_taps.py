@@ -50,9 +50,10 @@ def _refuse_a_second_copy() -> None:
     source tree's ``adapters.torch`` imported beside ``advgraph.adapters.torch``)
     would re-register them against its own, empty ``SITES``, and every compiled
     advgraph model would silently stop finding its site."""
-    try:
-        torch.ops.advgraph.site_tap_v2
-    except AttributeError:
+    # Any version's ops: an older copy registered site_tap (and lookup_rows, which kept
+    # its name) before the _v2 ops existed.
+    names = ("site_tap_v2", "site_tap", "lookup_rows")
+    if not any(hasattr(torch.ops.advgraph, name) for name in names):
         return
     raise ImportError(
         "advgraph's torch adapter is already loaded in this process; import it as "
