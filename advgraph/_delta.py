@@ -103,14 +103,39 @@ def _in_range(ops: Ops, norms: Array, x: Array) -> Array:
     return ops.logical_and(norms > lo, norms < hi)
 
 
-def _all_in_range(ops: Ops, norms: Array, x: Array) -> bool:
+def _all_in_range(ops: Ops, norms: Array, x: Array, value: float | None = None) -> bool:
     """Eagerly: whether every norm is in the plain range (False for NaN). One norm
-    (a global delta, matrix mode) is compared as a Python number: one read, no
-    array operations."""
-    if ops.size(norms) == 1:
+    (a global delta, matrix mode) is compared as the Python number ``value``: one
+    read, no array operations."""
+    if value is not None:
         lo, hi = _plain_range(ops, x)
-        return lo < ops.to_float(norms) < hi
+        return lo < value < hi
     return ops.all_true(_in_range(ops, norms, x))
+
+
+def _one_factor(ops: Ops, epsilon: Any, value: float | None, x: Array) -> float | None:
+    """``epsilon / norms`` for a single norm ``value`` (a global delta) as a Python
+    number, bit for bit the array quotient: the product then costs one array
+    operation. None: divide the arrays."""
+    if value is None or isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        return None
+    return ops.scalar_quotient(epsilon, value, x)
+
+
+class _NothingSkipped(DeltaResult):
+    """A :class:`DeltaResult` whose flags are all False by construction (the eager
+    two-pass path): :func:`skipped_nothing` knows it without reading them."""
+
+    __slots__ = ()
+
+    def _replace(self, **changes: Any) -> DeltaResult:  # type: ignore[override]
+        return DeltaResult(*self)._replace(**changes)
+
+
+def skipped_nothing(result: DeltaResult) -> bool:
+    """True when ``result``'s flags are known to be all False without reading them
+    (False means: read them)."""
+    return type(result) is _NothingSkipped
 
 
 def _finite_part(ops: Ops, x: Array, axes: tuple[int, ...]) -> tuple[Array, Array, Array]:
@@ -195,11 +220,13 @@ def compute_delta(
         # norm, then the product); the same formula as the masked path below gives
         # those rows, so eager and compiled code agree.
         norms = ops.l2_norm(wide, axes)
-        if _all_in_range(ops, norms, wide):
+        value = ops.to_float(norms) if ops.size(norms) == 1 else None
+        if _all_in_range(ops, norms, wide, value):
             # Every norm is finite and positive: no row skipped, both flags False.
             flags = (ops.size(norms),) if per_sample else ()
-            return DeltaResult(
-                ops.cast(wide * (epsilon / norms), ops.dtype(grad)),
+            factor = _one_factor(ops, epsilon, value, wide)
+            return _NothingSkipped(
+                ops.cast(wide * (epsilon / norms if factor is None else factor), ops.dtype(grad)),
                 ops.falses(norms, flags),
                 ops.falses(norms, flags),
             )

@@ -14,6 +14,7 @@ float32 before any reduction by the callers through :meth:`Ops.widen`.
 
 from __future__ import annotations
 
+import struct
 import sys
 import threading
 from contextlib import contextmanager
@@ -126,6 +127,13 @@ class Ops:
     def falses(self, like: Array, shape: Sequence[int]) -> Array:
         """A boolean array of ``shape``, all False, of ``like``'s library and device."""
         raise NotImplementedError
+
+    def scalar_quotient(self, numerator: float, denominator: float, like: Array) -> float | None:
+        """``numerator / d`` as a Python float, bit for bit what this library gives for
+        ``numerator / array`` with ``array`` a one-entry array of ``like``'s dtype
+        holding ``d`` (``denominator``, its exact value); None where that is not known
+        (the caller then divides arrays)."""
+        return None
 
     # -- randomness -----------------------------------------------------------
     def generator(self, rng: Any = None) -> Any:
@@ -301,6 +309,25 @@ class _ArrayApiOps(Ops):
     def to_float(self, x: Array) -> float:
         return float(x.reshape(()).item()) if self.name == "torch" else float(x.reshape(()))
 
+    def scalar_quotient(self, numerator: float, denominator: float, like: Array) -> float | None:
+        # A Python float meets a float32/float64 array as a "weak" scalar: it is cast to
+        # the array's dtype first. torch computes ``n / array`` as
+        # ``array.reciprocal() * n`` (Tensor.__rdiv__), numpy divides. Each step is one
+        # IEEE operation in the dtype; done in double precision and rounded once to
+        # float32 it gives the same bits (double rounding is harmless for + - * / when
+        # the wide format has at least 2p + 2 bits: 53 >= 2 * 24 + 2).
+        dtype = str(like.dtype).rsplit(".", 1)[-1]
+        if self.name not in ("torch", "numpy") or dtype not in ("float32", "float64"):
+            return None
+        if dtype == "float64":
+            return (1.0 / denominator) * numerator if self.name == "torch" else numerator / denominator
+        try:
+            if self.name == "torch":
+                return _to_float32(_to_float32(1.0 / denominator) * _to_float32(numerator))
+            return _to_float32(_to_float32(numerator) / denominator)
+        except OverflowError:  # past float32's range, where a Python raises: divide arrays
+            return None
+
     def falses(self, like: Array, shape: Sequence[int]) -> Array:
         if self.name == "torch":
             return sys.modules["torch"].zeros(tuple(shape), dtype=sys.modules["torch"].bool, device=like.device)
@@ -360,101 +387,14 @@ class _ArrayApiOps(Ops):
         )
 
 
-class _TensorFlowOps(Ops):
-    """TensorFlow tensors and variables; graph-safe (tf.function, XLA)."""
-
-    name = "tensorflow"
-
-    def __init__(self) -> None:
-        self.tf = sys.modules["tensorflow"]
-
-    def is_floating(self, x: Array) -> bool:
-        return bool(x.dtype.is_floating)
-
-    def widen(self, x: Array) -> Array:
-        tf = self.tf
-        if x.dtype in (tf.float16, tf.bfloat16):
-            return tf.cast(x, tf.float32)
-        return x
-
-    def cast(self, x: Array, dtype: Any) -> Array:
-        if x.dtype == dtype:
-            return x
-        return self.tf.cast(x, dtype)
-
-    def abs(self, x: Array) -> Array:
-        return self.tf.abs(x)
-
-    def sqrt(self, x: Array) -> Array:
-        return self.tf.sqrt(x)
-
-    def sign(self, x: Array) -> Array:
-        return self.tf.sign(x)
-
-    def isfinite(self, x: Array) -> Array:
-        return self.tf.math.is_finite(x)
-
-    def where(self, cond: Array, a: Array, b: Array) -> Array:
-        tf = self.tf
-        ref = a if hasattr(a, "dtype") else b
-        a = tf.convert_to_tensor(a, dtype=ref.dtype)
-        b = tf.convert_to_tensor(b, dtype=ref.dtype)
-        return tf.where(cond, a, b)
-
-    def clip(self, x: Array, low: float, high: float) -> Array:
-        return self.tf.clip_by_value(x, low, high)
-
-    def clip_to(self, x: Array, bound: Array) -> Array:
-        return self.tf.clip_by_value(x, -bound, bound)
-
-    def zeros_like(self, x: Array) -> Array:
-        return self.tf.zeros_like(x)
-
-    def logical_and(self, a: Array, b: Array) -> Array:
-        return self.tf.logical_and(a, b)
-
-    def logical_not(self, a: Array) -> Array:
-        return self.tf.logical_not(a)
-
-    def exp(self, x: Array) -> Array:
-        return self.tf.exp(x)
-
-    def log(self, x: Array) -> Array:
-        return self.tf.math.log(x)
-
-    def stop_gradient(self, x: Array) -> Array:
-        return self.tf.stop_gradient(x)
-
-    def sum(self, x: Array, axes: Sequence[int]) -> Array:
-        return self.tf.reduce_sum(x, axis=list(axes), keepdims=True)
-
-    def amax(self, x: Array, axes: Sequence[int]) -> Array:
-        return self.tf.reduce_max(x, axis=list(axes), keepdims=True)
-
-    def reshape(self, x: Array, shape: Sequence[int]) -> Array:
-        return self.tf.reshape(x, list(shape))
-
-    def finfo(self, x: Array) -> Any:
-        import numpy as np
-
-        return np.finfo(x.dtype.as_numpy_dtype)
-
-    def uniform_like(self, x: Array, low: float, high: float, rng: Any = None) -> Array:
-        tf = self.tf
-        dtype = self.widen(x).dtype
-        if rng is not None:
-            return rng.uniform(tf.shape(x), minval=low, maxval=high, dtype=dtype)
-        return tf.random.uniform(tf.shape(x), minval=low, maxval=high, dtype=dtype)
-
-    def normal_like(self, x: Array, rng: Any = None) -> Array:
-        tf = self.tf
-        dtype = self.widen(x).dtype
-        if rng is not None:
-            return rng.normal(tf.shape(x), dtype=dtype)
-        return tf.random.normal(tf.shape(x), dtype=dtype)
+def _to_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (ties to even), as a Python float:
+    inf past float32's range, as the arrays give (or OverflowError, the caller's
+    cue to divide arrays)."""
+    return float(struct.unpack("f", struct.pack("f", value))[0])
 
 
-_TF_OPS: _TensorFlowOps | None = None
+_TF_OPS: "_TensorFlowOps | None" = None
 _API_OPS: dict[str, _ArrayApiOps] = {}
 
 
@@ -498,3 +438,7 @@ def _is_array(x: Array, array_api_compat: Any) -> bool:
         return bool(array_api_compat.is_array_api_obj(x))
     except Exception:  # pragma: no cover - defensive: unknown objects
         return False
+
+
+# TensorFlow's Ops live in their own module; defined after Ops, which it subclasses.
+from advgraph._ops_tf import _TensorFlowOps  # noqa: E402

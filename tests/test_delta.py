@@ -932,3 +932,104 @@ def test_one_norm_out_of_the_plain_range_takes_the_masked_path(bad, monkeypatch)
         assert not bool(result.nonfinite) and not bool(result.zero)
         expected = np.array([2.0, 1.0]) / math.sqrt(5.0)
         np.testing.assert_allclose(result.delta.numpy(), expected, rtol=1e-6)
+
+
+def _quotient_cases():
+    """Denominators over the plain range's decades and just inside its ends, with
+    radii a user would pick and arbitrary ones (seeded: the same cases every run)."""
+    rng = np.random.default_rng(7)
+    denominators = np.concatenate([
+        10.0 ** rng.uniform(-10, 18, 3000) * rng.uniform(0.5, 2.0, 3000),
+        [1.5e-11, 1.0, 3.0, 7.0, 1e18, 9e18, np.nextafter(1.0, 2.0)],
+    ])
+    radii = np.concatenate([[1.0, 0.5, 0.1, 1e-3, 3.7, 2.0, 1e6], 10.0 ** rng.uniform(-6, 6, 3000)])
+    return denominators, radii
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_scalar_quotient_is_the_array_quotient_bit_for_bit(library, dtype):
+    """``Ops.scalar_quotient(n, d, like)``: the Python number the fast path multiplies
+    by equals, bit for bit, ``n / array`` in the library itself (torch: reciprocal
+    then product; numpy: a division), for a one-entry array of each dtype."""
+    from advgraph._ops import ops_for
+
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        make = lambda v: torch.tensor([[v]], dtype=getattr(torch, dtype))  # noqa: E731
+        value = lambda a: a.item()  # noqa: E731
+    else:
+        make = lambda v: np.array([[v]], dtype=dtype)  # noqa: E731
+        value = lambda a: float(a[0, 0])  # noqa: E731
+    denominators, radii = _quotient_cases()
+    mismatches = []
+    for i, d in enumerate(denominators):
+        array = make(d)
+        ops = ops_for(array)
+        n = float(radii[i % len(radii)])
+        got = ops.scalar_quotient(n, ops.to_float(array), array)
+        expected = value(n / array)
+        if got is None or got != expected:
+            mismatches.append((float(d), n, got, expected))
+    assert mismatches == []
+
+
+def test_scalar_quotient_declines_where_the_bits_are_not_known():
+    """None (the caller divides arrays) for dtypes it does not emulate and for other
+    libraries' Ops; past float32's range it gives the arrays' inf (or None)."""
+    torch = pytest.importorskip("torch")
+    from advgraph._ops import Ops, ops_for
+
+    for dtype in (torch.float16, torch.bfloat16):
+        like = torch.ones(1, dtype=dtype)
+        assert ops_for(like).scalar_quotient(1.0, 1.0, like) is None
+    assert Ops().scalar_quotient(1.0, 2.0, np.ones(1)) is None
+    like = torch.ones(1, dtype=torch.float32)
+    past = ops_for(like).scalar_quotient(1e30, 1e-15, like)
+    expected = (1e30 / torch.tensor([1e-15])).item()
+    assert math.isinf(expected) and (past is None or past == expected)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("epsilon", [1.0, 0.37, 3])
+def test_global_delta_is_the_array_formula_bit_for_bit(library, dtype, epsilon):
+    """A global delta (one norm) multiplies by a Python number: the same bits as the
+    array formula ``cast(wide * (epsilon / norm))``, written here with the library's
+    own operations, for every float dtype (half precision widened to float32)."""
+    g64 = np.random.default_rng(3).normal(size=(37, 5)) * 1e-2
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        grad = torch.tensor(g64).to(getattr(torch, dtype))
+        wide = grad.float() if dtype in ("float16", "bfloat16") else grad
+        norm = torch.linalg.vector_norm(wide, dim=(0, 1), keepdim=True)
+        expected = (wide * (epsilon / norm)).to(grad.dtype)
+        same = lambda a, b: torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # noqa: E731
+    else:
+        if dtype == "bfloat16":
+            pytest.skip("numpy has no bfloat16 without ml_dtypes")
+        grad = g64.astype(dtype)
+        wide = grad.astype(np.float32) if dtype == "float16" else grad
+        norm = np.sqrt(np.sum(wide * wide, axis=(0, 1), keepdims=True))
+        expected = (wide * (epsilon / norm)).astype(grad.dtype)
+        same = lambda a, b: a.dtype == b.dtype and a.tobytes() == b.tobytes()  # noqa: E731
+    result = compute_delta(grad, epsilon)
+    assert same(result.delta, expected)
+
+
+def test_a_fast_path_result_says_nothing_was_skipped_and_a_changed_one_does_not():
+    """``skipped_nothing`` is True for the eager two-pass path's result (whose flags
+    are all False by construction) and False for the masked path's. A result rebuilt
+    with ``_replace`` (a method marking a row itself) is a plain DeltaResult again,
+    so its flags are read."""
+    torch = pytest.importorskip("torch")
+    from advgraph._delta import DeltaResult, skipped_nothing
+
+    fast = compute_delta(torch.tensor([[3.0, 4.0]]), 1.0)
+    assert skipped_nothing(fast) and isinstance(fast, DeltaResult)
+    assert not skipped_nothing(compute_delta(torch.tensor([[0.0, 0.0]]), 1.0))
+    assert not skipped_nothing(compute_delta(torch.tensor([[float("nan"), 1.0]]), 1.0))
+    changed = fast._replace(zero=torch.tensor(True))
+    assert type(changed) is DeltaResult and not skipped_nothing(changed)
+    delta, nonfinite, zero = fast  # still a 3-tuple
+    assert torch.equal(delta, fast.delta)

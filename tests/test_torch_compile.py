@@ -1,8 +1,9 @@
 """torch.compile: a wrapped model compiles without graph breaks, with eager's gradients.
 
 Eagerly the site reads the gradient with a tensor hook; inside a compiled region
-the output goes through the ``advgraph::site_tap_v2`` custom op instead (a hook with
-Python side effects would break the graph). The backend is ``aot_eager``: dynamo
+the output goes through an ``autograd.Function`` whose backward calls the
+``advgraph::grad_tap_v2`` custom op instead (a hook with Python side effects would
+break the graph). The backend is ``aot_eager``: dynamo
 and AOTAutograd trace exactly as with inductor, without the C++ compile time
 (benchmarks/bench_torch_compile.py runs inductor).
 """
@@ -73,6 +74,40 @@ def test_no_graph_break_and_eager_gradients(how, mode):
         assert param_bytes(model) == before
     assert graph_breaks() == 0, dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    for name, g in expected.items():
+        torch.testing.assert_close(grads(model)[name], g, rtol=1e-5, atol=1e-7)
+
+
+class _ScalesTheLookupInPlace(torch.nn.Module):
+    """A forward that scales the lookup's output in place (``h.mul_``), as some
+    models do: the compiled tap must hand on a tensor autograd lets them modify."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h.mul_(2.0)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("mode", ["output", "matrix"])
+def test_a_model_that_modifies_the_lookups_output_in_place_compiles(mode):
+    """With a view out of the tap's autograd.Function this raised ("a view created
+    inside a custom Function ... is being modified inplace"); the gradients are
+    eager's (the eager path is held to hand-written FGM in tests/test_torch_adapter.py)."""
+    torch.manual_seed(0)
+    model = _ScalesTheLookupInPlace()
+    options = dict(mode=mode, epsilon=0.5)
+    expected = eager_grads(model, lambda w: lambda: F.cross_entropy(w(X), Y), **options)
+    wrapped = advgraph.wrap(model, **options)
+    run = torch.compile(wrapped, backend=BACKEND, fullgraph=True)
+    before = param_bytes(model)
+    wrapped.adversarial_step(lambda: F.cross_entropy(run(X), Y))
+    assert param_bytes(model) == before
+    assert wrapped.advgraph_stats["steps"] == 1
     for name, g in expected.items():
         torch.testing.assert_close(grads(model)[name], g, rtol=1e-5, atol=1e-7)
 

@@ -11,8 +11,9 @@ gradient and its own delta; matrix mode perturbs the union of the rows touched.
 
 Eagerly the gradient is read by a tensor hook on the output. Inside a
 ``torch.compile``d forward a hook registered there would break the graph, so
-the output goes through the ``advgraph::site_tap_v2`` custom op instead, whose
-backward hands the gradient to the site (see :mod:`._taps`).
+the output goes through an ``autograd.Function`` whose backward hands the
+gradient to the site through the ``advgraph::grad_tap_v2`` custom op (see
+:mod:`._taps`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from advgraph._delta import DeltaResult
+from advgraph._delta import DeltaResult, skipped_nothing
 from advgraph._errors import AdvGraphWarning, received
 
 from . import _taps
@@ -258,6 +259,8 @@ class _Site(SiteCalls):
         raise NotImplementedError
 
     def record(self, result: DeltaResult) -> None:
+        if skipped_nothing(result):  # the flags are all False by construction
+            return
         nonfinite = bool(result.nonfinite.any())
         zero = bool(result.zero.any())
         if nonfinite:
@@ -301,6 +304,13 @@ class _Site(SiteCalls):
             new.__dict__[key] = copy.deepcopy(value, memo)
         new._register()
         return new
+
+
+def _plain(delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``delta`` outside autograd, in ``dtype`` (no operation when it already is)."""
+    if delta.requires_grad:
+        delta = delta.detach()
+    return delta if delta.dtype == dtype else delta.to(dtype)
 
 
 def _check_shape(delta: torch.Tensor, x: torch.Tensor, call: int) -> None:
@@ -511,14 +521,15 @@ class MatrixSite(_Site):
         rows, inverse, *counts = torch.unique(ids, return_inverse=True, return_counts=by_freq)
         acc_dtype = torch.float32 if grads.dtype in (torch.float16, torch.bfloat16) else grads.dtype
         out = torch.zeros(rows.shape[0], grads.shape[1], dtype=acc_dtype, device=grads.device)
-        out.index_add_(0, inverse, grads.to(acc_dtype))
+        out.index_add_(0, inverse, grads if grads.dtype == acc_dtype else grads.to(acc_dtype))
         if by_freq:
             out.div_(counts[0].to(acc_dtype).unsqueeze(1))
         padding_idx = getattr(emb, "padding_idx", None)
         if padding_idx is not None:
             # rows is sorted: the padding row, if touched, is where searchsorted puts it
-            # (one small read instead of a mask over every row: 6 vs 46 us here).
-            at = int(torch.searchsorted(rows, int(padding_idx)))
+            # (one small read instead of a mask over every row: 6 vs 46 us here), and
+            # row 0 can only be first.
+            at = 0 if padding_idx == 0 else int(torch.searchsorted(rows, int(padding_idx)))
             if at < rows.shape[0] and int(rows[at]) == padding_idx:
                 out[at] = 0.0
         return rows, out
@@ -586,7 +597,7 @@ class MatrixSite(_Site):
             order = torch.argsort(merged)
             self._rows, self._saved = merged[order], merged_saved[order]
             self.active = True
-            weight.index_copy_(0, rows, saved + delta.detach().to(weight.dtype))
+            weight.index_copy_(0, rows, saved + _plain(delta, weight.dtype))
 
     def set_delta(self, delta: Any) -> None:
         self._fresh = True
@@ -610,7 +621,7 @@ class MatrixSite(_Site):
             self.active = True
             # W[rows] = saved + delta (the value W[rows] += delta gives, bit for bit, in
             # one copy; index_add_ is a loop over rows on CPU); delta is not kept.
-            weight.index_copy_(0, self._rows, self._saved + delta.detach().to(weight.dtype))
+            weight.index_copy_(0, self._rows, self._saved + _plain(delta, weight.dtype))
 
     def clear(self) -> None:
         self._pending, self._applied = None, None

@@ -3,23 +3,26 @@
 Eagerly the site registers a tensor hook on the embedding's output. Dynamo
 cannot keep such a hook in the graph when its body has Python side effects
 (it breaks the graph: "HOP: Non-nullified side effect"), so inside a compiled
-region the output goes through two custom ops instead, which dynamo and
-AOTAutograd treat as opaque graph nodes:
+region the output goes through :func:`tap` instead:
 
-* ``advgraph::site_tap_v2(x, anchor, ids, site, call, index)``: identity (a copy)
-  in the forward. Its backward is
-* ``advgraph::grad_tap_v2(grad, ids, site, call, index)``, which runs at backward
-  time with the real gradient and hands it to the site registered under
-  ``site`` (an int baked into the graph). The gradient itself flows on past the
-  op (the backward returns it), so the op copies nothing on the way; the site
+* in the forward, an ``autograd.Function`` that returns ``x`` (dynamo inlines it:
+  no call out of the compiled graph, and inductor fuses its copy into the op that
+  reads it). Its backward calls
+* ``advgraph::grad_tap_v2(grad, ids, site, call, index)``, a custom op, which
+  dynamo and AOTAutograd keep as an opaque node of the compiled backward: it runs
+  at backward time with the real gradient and hands it to the site registered
+  under ``site`` (an int baked into the graph). The gradient itself flows on past
+  the op (the backward returns it), so nothing is copied on the way; the site
   keeps only what it made from ``grad`` during the call (a copy, or the touched
   rows' gradient), never ``grad`` itself, whose buffer the compiled backward may
   reuse once its last reader ran.
 
-The ``_v2`` in the names: inductor caches compiled graphs on disk under a key
-made from the forward graph, which names the op but not the backward registered
-for it; a change to the backward therefore needs a new name, or a cache filled
-by the previous advgraph would run the old backward code against the new op.
+The ``_v2``: inductor caches compiled graphs on disk under a key made from the
+forward graph, which names a custom op but not the backward registered for it; a
+change to what an op does therefore needs a new name, or a cache filled by an
+earlier advgraph would run the old code against the new op. (Earlier code
+registered ``site_tap``/``grad_tap``, then ``site_tap_v2``, a custom op whose
+forward copied ``x``; the ``autograd.Function`` replaced it.)
 
 ``anchor`` is a 0-dim leaf of the site that requires grad: its (zero) gradient
 is a graph output of the backward, so the tap always runs, and a pass that only
@@ -50,9 +53,9 @@ def _refuse_a_second_copy() -> None:
     source tree's ``adapters.torch`` imported beside ``advgraph.adapters.torch``)
     would re-register them against its own, empty ``SITES``, and every compiled
     advgraph model would silently stop finding its site."""
-    # Any version's ops: an older copy registered site_tap (and lookup_rows, which kept
-    # its name) before the _v2 ops existed.
-    names = ("site_tap_v2", "site_tap", "lookup_rows")
+    # Any version's ops: older copies registered site_tap / site_tap_v2 (and
+    # lookup_rows, which kept its name).
+    names = ("grad_tap_v2", "site_tap_v2", "site_tap", "lookup_rows")
     if not any(hasattr(torch.ops.advgraph, name) for name in names):
         return
     raise ImportError(
@@ -68,7 +71,14 @@ _refuse_a_second_copy()
 SITES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 
 
-@torch.library.custom_op("advgraph::grad_tap_v2", mutates_args=())
+# grad_tap_v2 runs in the backward of every compiled step, so it is defined with the
+# plain torch.library API: torch.library.custom_op's Python wrappers cost ~20 us a call
+# on a 2-core CPU, this ~6. Its only output is a new constant (the anchor's zero
+# gradient), which needs no autograd formula.
+_LIB = torch.library.Library("advgraph", "FRAGMENT")
+_LIB.define("grad_tap_v2(Tensor grad, Tensor? ids, int site, int call, int index) -> Tensor")
+
+
 def _grad_tap(
     grad: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
 ) -> torch.Tensor:
@@ -78,44 +88,42 @@ def _grad_tap(
     return grad.new_zeros(())  # the anchor's gradient
 
 
-@_grad_tap.register_fake
+_LIB.impl("grad_tap_v2", _grad_tap, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("advgraph::grad_tap_v2", lib=_LIB)
 def _(grad: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int) -> Any:
     return grad.new_empty(())
 
 
-@torch.library.custom_op("advgraph::site_tap_v2", mutates_args=())
-def _site_tap(
-    x: torch.Tensor, anchor: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
-) -> torch.Tensor:
-    return x.clone()
+class _Tap(torch.autograd.Function):
+    """Identity in the forward, inside the compiled graph (no call out of it); its
+    backward hands the gradient to ``grad_tap_v2``."""
 
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, anchor: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
+    ) -> torch.Tensor:
+        ctx.site, ctx.call, ctx.index = site, call, index
+        ctx.anchor_dtype, ctx.anchor_device = anchor.dtype, anchor.device
+        ctx.save_for_backward(ids)
+        # A copy, not a view: a model may modify the lookup's output in place, which
+        # autograd refuses on a view made inside a custom Function. Inductor fuses the
+        # copy into the op that reads it.
+        return x.clone()
 
-@_site_tap.register_fake
-def _(x: torch.Tensor, anchor: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int) -> Any:
-    return torch.empty_like(x)
-
-
-def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    _, anchor, ids, site, call, index = inputs
-    ctx.site, ctx.call, ctx.index = site, call, index
-    ctx.anchor_dtype, ctx.anchor_device = anchor.dtype, anchor.device
-    ctx.save_for_backward(ids if ids is not None else None)
-
-
-def _backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-    (ids,) = ctx.saved_tensors
-    grad_anchor = torch.ops.advgraph.grad_tap_v2(grad, ids, ctx.site, ctx.call, ctx.index)
-    return grad, grad_anchor.to(device=ctx.anchor_device, dtype=ctx.anchor_dtype), None, None, None, None
-
-
-_site_tap.register_autograd(_backward, setup_context=_setup)
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (ids,) = ctx.saved_tensors
+        grad_anchor = torch.ops.advgraph.grad_tap_v2(grad, ids, ctx.site, ctx.call, ctx.index)
+        return grad, grad_anchor.to(device=ctx.anchor_device, dtype=ctx.anchor_dtype), None, None, None, None
 
 
 def tap(
     x: torch.Tensor, anchor: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
 ) -> torch.Tensor:
     """``x`` unchanged; its gradient goes to the site registered under ``site``."""
-    return torch.ops.advgraph.site_tap_v2(x, anchor, ids, site, call, index)
+    return _Tap.apply(x, anchor, ids, site, call, index)
 
 
 @torch.library.custom_op("advgraph::lookup_rows", mutates_args=())
