@@ -735,3 +735,34 @@ def test_matrix_mode_applies_a_delta_given_as_a_function(method):
     first_perturbed = 0 if method == "freelb" else 1  # vat: after the clean pass
     assert not torch.equal(rows_seen[first_perturbed], model.emb(x))
     assert param_bytes(model) == before and wrapped.advgraph_stats["skipped_zero"] == 0
+
+
+@pytest.mark.parametrize("delta_dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["plain", "requires_grad"])
+def test_matrix_set_delta_writes_saved_plus_delta_in_the_weights_dtype(delta_dtype, requires_grad):
+    """A delta of another dtype (or one that requires grad) is cast to the weight's
+    dtype before it is added: the touched rows hold ``saved + delta.to(float32)``, bit
+    for bit, the other rows are untouched, the weight does not join delta's autograd
+    graph, and clear() restores every byte."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(12, 4), nn.Flatten(), nn.Linear(12, 2))
+    wrapped = advgraph.wrap(model, mode="matrix", epsilon=0.5)
+    x = torch.tensor([[1, 5, 1], [7, 5, 9]])
+    F.cross_entropy(wrapped(x), torch.tensor([0, 1])).backward()
+    site = wrapped.__dict__["_advgraph"].site
+    rows_grad = site.site_grad()
+    weight = model[0].weight
+    before = weight.detach().clone()
+    delta = (torch.arange(rows_grad.numel(), dtype=torch.float64).reshape(rows_grad.shape) / 7 + 0.1)
+    delta = delta.to(delta_dtype).requires_grad_(requires_grad)
+    site.set_delta(delta)
+    try:
+        rows = torch.tensor([1, 5, 7, 9])
+        expected = before[rows] + delta.detach().to(torch.float32)
+        assert torch.equal(weight.detach()[rows].view(torch.int32), expected.view(torch.int32))
+        others = torch.tensor([i for i in range(12) if i not in (1, 5, 7, 9)])
+        assert torch.equal(weight.detach()[others], before[others])
+        assert weight.grad_fn is None and weight.dtype == torch.float32
+    finally:
+        site.clear()
+    assert torch.equal(weight.detach().view(torch.int32), before.view(torch.int32))
