@@ -16,6 +16,7 @@ Numerics:
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 
@@ -172,6 +173,8 @@ def _flag(ops: Ops, flag: Array, grad: Array, per_sample: bool) -> Array:
 def _radius(epsilon: Any) -> Any:
     """A positive finite number; or a 0-d array as is (a scheduled radius evaluated
     inside a compiled step, whose value is known only when the step runs)."""
+    if type(epsilon) is float and 0.0 < epsilon < math.inf:  # the common case, checked cheaply
+        return epsilon
     if getattr(epsilon, "shape", None) == () and not isinstance(epsilon, numbers.Real):
         return epsilon
     return check_positive_finite("epsilon", epsilon)

@@ -65,6 +65,8 @@ def check_positive_finite(name: str, value: Any) -> float:
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     """Check that ``value`` is one of the strings in ``choices``."""
+    if type(value) is str and isinstance(choices, tuple) and value in choices:
+        return value
     choices = tuple(choices)
     if not isinstance(value, str):
         raise TypeError(

@@ -307,7 +307,9 @@ class _ArrayApiOps(Ops):
         return bool(self.xp.all(x))
 
     def to_float(self, x: Array) -> float:
-        return float(x.reshape(()).item()) if self.name == "torch" else float(x.reshape(()))
+        if self.name in ("torch", "numpy"):  # .item(): one call for any one-entry array
+            return float(x.item())
+        return float(x.reshape(()))
 
     def scalar_quotient(self, numerator: float, denominator: float, like: Array) -> float | None:
         # A Python float meets a float32/float64 array as a "weak" scalar: it is cast to
@@ -406,6 +408,18 @@ def ops_for(x: Array, arg: str = "grad") -> Ops:
     """
     global _TF_OPS
     module = type(x).__module__
+    # A torch tensor or numpy array whose library was resolved before: no namespace
+    # lookup (this runs once per delta, and its cost shows in a compiled step).
+    if module.startswith("torch"):
+        torch = sys.modules.get("torch")
+        known = _API_OPS.get("torch")
+        if known is not None and torch is not None and isinstance(x, torch.Tensor):
+            return known
+    elif module == "numpy":
+        numpy = sys.modules.get("numpy")
+        known = _API_OPS.get("numpy")
+        if known is not None and numpy is not None and type(x) is numpy.ndarray:
+            return known
     if module.startswith("tensorflow"):
         tf = sys.modules.get("tensorflow")
         if tf is not None and (tf.is_tensor(x) or isinstance(x, tf.Variable)):

@@ -1067,3 +1067,40 @@ def test_a_fast_path_result_says_nothing_was_skipped_and_a_changed_one_does_not(
     assert type(changed) is DeltaResult and not skipped_nothing(changed)
     delta, nonfinite, zero = fast  # still a 3-tuple
     assert torch.equal(delta, fast.delta)
+
+
+def test_ops_for_known_arrays_is_the_namespace_lookup_and_still_refuses_non_arrays():
+    """ops_for's fast route (a torch tensor or numpy array whose library was resolved
+    before) gives the Ops the array-api namespace lookup gives, and objects of the
+    same modules that are not arrays (a dtype, a device, a Size, a numpy dtype) are
+    still refused with the TypeError, not handed torch's or numpy's Ops."""
+    torch = pytest.importorskip("torch")
+    from advgraph import _ops
+
+    slow_torch = _ops.ops_for(torch.zeros(1))  # resolves (and caches) the namespace
+    slow_numpy = _ops.ops_for(np.zeros(1))
+    assert slow_torch.name == "torch" and slow_numpy.name == "numpy"
+    assert _ops.ops_for(torch.nn.Parameter(torch.zeros(2))) is slow_torch
+    assert _ops.ops_for(torch.zeros(2, dtype=torch.float16)) is slow_torch
+    assert _ops.ops_for(np.zeros((2, 2), np.float32)) is slow_numpy
+    assert _ops.ops_for(np.ma.masked_array([1.0])).name == "numpy"  # a subclass: the namespace route
+    refused = (torch.float32, torch.device("cpu"), torch.Size([2]), np.dtype("float32"), np.float64(1.0), [1.0])
+    for not_an_array in refused:
+        with pytest.raises(TypeError, match="Expected an array"):
+            _ops.ops_for(not_an_array)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_to_float_reads_any_one_entry_array(library):
+    """Ops.to_float reads the value of a one-entry array of any shape (a keepdims
+    norm is (1, 1, ...)), as the exact Python float."""
+    value = np.float32(0.1)
+    for shape in ((), (1,), (1, 1), (1, 1, 1)):
+        array = np.full(shape, value)
+        if library == "torch":
+            torch = pytest.importorskip("torch")
+            array = torch.from_numpy(np.ascontiguousarray(array))
+        from advgraph._ops import ops_for
+
+        got = ops_for(array).to_float(array)
+        assert type(got) is float and got == float(value)
