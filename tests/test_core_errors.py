@@ -56,8 +56,10 @@ def test_bad_epsilon(fn, arg, epsilon, error):
 
 
 @pytest.mark.parametrize("fn, arg", FUNCTIONS)
-@pytest.mark.parametrize("epsilon", [1, 0.5, np.float32(0.25), 1e-30, 1e30])
+@pytest.mark.parametrize("epsilon", [1, 0.5, np.float32(0.25), np.float64(0.25), 1e-30, 1e30])
 def test_good_epsilon_types_are_accepted(fn, arg, epsilon):
+    """Accepted radii, numpy scalars included: a float64 scalar must not promote a
+    float32 result (it becomes a Python float first)."""
     out = fn(_good(), epsilon)
     out = getattr(out, "delta", out)
     assert out.shape == (2, 2) and out.dtype == np.float32
@@ -141,3 +143,25 @@ def test_non_floating_dtype(fn, arg, make):
     message = str(info.value)
     assert f"`{arg}`" in message and "Received: dtype=" in message, message
 
+
+
+def test_check_choice_accepts_exactly_the_listed_strings_from_any_iterable():
+    """check_choice: a listed string back as is, whatever iterable lists the choices
+    (a tuple takes a short path);
+    a non-string is a TypeError and an unlisted string a ValueError, both naming the
+    choices and the value received."""
+    from advgraph._errors import check_choice
+
+    class Name(str):
+        pass
+
+    for choices in (("l2", "linf"), ["l2", "linf"], {"l2", "linf"}, (c for c in ("l2", "linf"))):
+        assert check_choice("norm", "linf", choices) == "linf"
+    assert check_choice("norm", Name("l2"), ("l2", "linf")) == "l2"
+    for value in ("l", "2", "inf", "L2", ""):
+        with pytest.raises(ValueError, match="Received: norm=") as info:
+            check_choice("norm", value, ("l2", "linf"))
+        assert "'l2', 'linf'" in str(info.value)
+    for value in (2, None, b"l2", ["l2"]):
+        with pytest.raises(TypeError, match="Received: norm="):
+            check_choice("norm", value, ("l2", "linf"))

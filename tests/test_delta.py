@@ -1069,22 +1069,38 @@ def test_a_fast_path_result_says_nothing_was_skipped_and_a_changed_one_does_not(
     assert torch.equal(delta, fast.delta)
 
 
-def test_ops_for_known_arrays_is_the_namespace_lookup_and_still_refuses_non_arrays():
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_ops_for_known_arrays_is_the_namespace_lookup_and_still_refuses_non_arrays(monkeypatch):
     """ops_for's fast route (a torch tensor or numpy array whose library was resolved
-    before) gives the Ops the array-api namespace lookup gives, and objects of the
-    same modules that are not arrays (a dtype, a device, a Size, a numpy dtype) are
-    still refused with the TypeError, not handed torch's or numpy's Ops."""
+    before) gives the Ops built on the namespace array-api-compat names for the array,
+    without asking array-api-compat again; objects of the same modules that are not
+    arrays it accepts (a dtype, a device, a Size, numpy scalars of Python types,
+    np.matrix) are still refused with the TypeError, not handed torch's or numpy's Ops."""
     torch = pytest.importorskip("torch")
+    import array_api_compat
+
     from advgraph import _ops
 
-    slow_torch = _ops.ops_for(torch.zeros(1))  # resolves (and caches) the namespace
-    slow_numpy = _ops.ops_for(np.zeros(1))
-    assert slow_torch.name == "torch" and slow_numpy.name == "numpy"
-    assert _ops.ops_for(torch.nn.Parameter(torch.zeros(2))) is slow_torch
-    assert _ops.ops_for(torch.zeros(2, dtype=torch.float16)) is slow_torch
-    assert _ops.ops_for(np.zeros((2, 2), np.float32)) is slow_numpy
+    monkeypatch.setattr(_ops, "_API_OPS", {})  # resolved afresh here, whatever ran before
+    tensor, array = torch.zeros(1), np.zeros(1)
+    torch_ops, numpy_ops = _ops.ops_for(tensor), _ops.ops_for(array)
+    assert torch_ops.xp is array_api_compat.array_namespace(tensor) and torch_ops.name == "torch"
+    assert numpy_ops.xp is array_api_compat.array_namespace(array) and numpy_ops.name == "numpy"
+
+    def no_lookup(*arrays):
+        raise AssertionError("the namespace was looked up again")
+
+    monkeypatch.setattr(array_api_compat, "array_namespace", no_lookup)
+    assert _ops.ops_for(torch.nn.Parameter(torch.zeros(2))) is torch_ops
+    assert _ops.ops_for(torch.zeros(2, dtype=torch.float16)) is torch_ops
+    assert _ops.ops_for(np.zeros((2, 2), np.float32)) is numpy_ops
+    monkeypatch.undo()
+
     assert _ops.ops_for(np.ma.masked_array([1.0])).name == "numpy"  # a subclass: the namespace route
-    refused = (torch.float32, torch.device("cpu"), torch.Size([2]), np.dtype("float32"), np.float64(1.0), [1.0])
+    refused = (
+        torch.float32, torch.device("cpu"), torch.Size([2]), np.dtype("float32"), np.float64(1.0),
+        np.asmatrix(np.ones((1, 1))), [1.0],
+    )
     for not_an_array in refused:
         with pytest.raises(TypeError, match="Expected an array"):
             _ops.ops_for(not_an_array)
