@@ -438,7 +438,9 @@ def test_padding_idx_row_is_not_perturbed():
         assert not torch.equal(model.emb.weight[3], before[3])
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "compiled", [False, "lookup", "output"], ids=["eager", "compiled-lookup-tap", "compiled-output-tap"]
+)
 @pytest.mark.parametrize(
     "emb_kwargs",
     [
@@ -459,8 +461,11 @@ def test_matrix_delta_follows_the_embeddings_own_weight_gradient(emb_kwargs, com
     what nn.Embedding's own backward gives its weight (the reference: an unwrapped
     copy run eagerly), with the options that change that backward (by-frequency
     scaling; the padding row, where ever it falls among the touched rows). Compiled,
-    the tap in the compiled backward builds it (``aot_eager``; the test checks that
-    the compiled tap ran)."""
+    the tap in the compiled backward builds it (``aot_eager``; the test checks which
+    compiled tap ran): a plain nn.Embedding's lookup tap reads the rows out of the
+    weight gradient, the output tap (any other lookup; forced here) reduces the
+    output's gradient to them."""
+    from advgraph.adapters.torch import _taps
     from advgraph.adapters.torch._site import MatrixSite
 
     torch.manual_seed(0)
@@ -471,8 +476,11 @@ def test_matrix_delta_follows_the_embeddings_own_weight_gradient(emb_kwargs, com
     F.cross_entropy(reference(x), y).backward()
     g = reference.emb.weight.grad  # nn.Embedding's backward, rows not touched are 0
     taps = []
-    tap = MatrixSite.on_compiled_grad
-    monkeypatch.setattr(MatrixSite, "on_compiled_grad", lambda self, *a: (taps.append(1), tap(self, *a))[1])
+    by_output, by_rows = MatrixSite.on_compiled_grad, MatrixSite.on_compiled_rows
+    monkeypatch.setattr(MatrixSite, "on_compiled_grad", lambda self, *a: (taps.append("output"), by_output(self, *a))[1])
+    monkeypatch.setattr(MatrixSite, "on_compiled_rows", lambda self, *a: (taps.append("lookup"), by_rows(self, *a))[1])
+    if compiled == "output":
+        monkeypatch.setattr(_taps, "plain_lookup", lambda module: False)
     wrapped = advgraph.wrap(model, mode="matrix", epsilon=0.5)
     if compiled:
         torch._dynamo.reset()  # a fresh cache: no earlier test's graphs, no recompile limit
@@ -481,7 +489,7 @@ def test_matrix_delta_follows_the_embeddings_own_weight_gradient(emb_kwargs, com
         forward = wrapped
     before = model.emb.weight.detach().clone()
     F.cross_entropy(forward(x), y).backward()
-    assert len(taps) == (1 if compiled else 0)
+    assert taps == ([compiled] if compiled else [])
     # The gradient flows on past the tap unchanged (the weight's own gradient).
     torch.testing.assert_close(model.emb.weight.grad, g, rtol=1e-6, atol=1e-7)
     with wrapped.perturbed():
@@ -766,3 +774,28 @@ def test_matrix_set_delta_writes_saved_plus_delta_in_the_weights_dtype(delta_dty
     finally:
         site.clear()
     assert torch.equal(weight.detach().view(torch.int32), before.view(torch.int32))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("method", ["fgm", "freelb"])
+def test_matrix_mode_takes_int32_ids(method, compiled):
+    """Ids as int32 (what some tokenizers and ONNX exports give): matrix mode perturbs
+    the same rows as with int64 ids and gives the same step (it failed in
+    ``index_copy_``, which takes int64 rows). freelb draws its start in the forward
+    (the lookup's pre-hook finds the rows)."""
+    torch._dynamo.reset()
+    results = []
+    for dtype in (torch.int64, torch.int32):
+        torch.manual_seed(0)
+        model = MeanPool(padding_idx=0)
+        x = torch.tensor([[1, 2, 2, 0], [2, 5, 7, 1]], dtype=dtype)
+        y = torch.tensor([0, 1])
+        wrapped = advgraph.wrap(model, method=method, mode="matrix", epsilon=0.5)
+        forward = torch.compile(wrapped, backend="aot_eager") if compiled else wrapped
+        before = param_bytes(model)
+        torch.manual_seed(1)
+        wrapped.adversarial_step(lambda: F.cross_entropy(forward(x), y))
+        assert param_bytes(model) == before
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in results[0].items():
+        assert torch.equal(results[1][name], g), name

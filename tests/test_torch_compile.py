@@ -443,3 +443,126 @@ def test_the_site_keeps_nothing_of_the_buffer_the_compiled_backward_hands_it(mod
     rows = torch.unique(X)
     assert torch.equal(site._rows, rows)
     torch.testing.assert_close(got, dense[rows], rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- matrix mode's lookup tap
+
+
+class _TiedHead(torch.nn.Module):
+    """A language-model-like head that reads the embedding matrix (weights tied)."""
+
+    def __init__(self, **emb_kwargs):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 8, **emb_kwargs)
+        self.head = torch.nn.Linear(8, 30, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)).mean(1))
+
+
+class _ScaledEmbedding(torch.nn.Embedding):
+    """An embedding whose forward is not nn.Embedding's (it scales the lookup, as
+    BART's and T5-like scaled embeddings do)."""
+
+    def forward(self, x):
+        return super().forward(x) * 3.0
+
+
+class _ScaledLookup(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = _ScaledEmbedding(30, 8, padding_idx=0)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.emb(x).mean(1))
+
+
+_LOOKUPS = {
+    "plain": (lambda: MeanPool(), "rows"),
+    "padding and scale_grad_by_freq": (lambda: MeanPool(padding_idx=0, scale_grad_by_freq=True), "rows"),
+    "float64": (lambda: MeanPool().double(), "rows"),
+    "tied head": (lambda: _TiedHead(padding_idx=0), "rows"),
+    "subclass with its own forward": (lambda: _ScaledLookup(), "output"),
+    "max_norm": (lambda: MeanPool(max_norm=10.0), "output"),
+}
+
+
+@pytest.mark.parametrize("kind", list(_LOOKUPS))
+def test_matrix_mode_taps_a_plain_lookup_by_its_own_backward_and_any_other_by_its_output(kind, monkeypatch):
+    """Compiled matrix mode reads the touched rows' gradient out of the weight gradient
+    a plain ``nn.Embedding``'s own backward computes (``grad_rows_v1``), and any other
+    lookup's (a subclass with its own forward, ``max_norm``) by reducing its output's
+    gradient (``grad_tap_v2``). Either way the step's gradients are eager's (whose
+    δ comes from a tensor hook and the reduction, written independently), with a
+    repeated id and the padding id in the batch, and the weights come back bit for bit."""
+    from advgraph.adapters.torch._site import MatrixSite
+
+    make, route = _LOOKUPS[kind]
+    seen = {"rows": 0, "output": 0}
+    by_rows, by_output = MatrixSite.on_compiled_rows, MatrixSite.on_compiled_grad
+    monkeypatch.setattr(MatrixSite, "on_compiled_rows", lambda s, *a: (seen.__setitem__("rows", seen["rows"] + 1), by_rows(s, *a))[1])
+    monkeypatch.setattr(MatrixSite, "on_compiled_grad", lambda s, *a: (seen.__setitem__("output", seen["output"] + 1), by_output(s, *a))[1])
+    torch.manual_seed(0)
+    model = make()
+    x = X.clone()
+    x[0, 0], x[1, 1], x[2, 2] = 0, 7, 7
+    y = Y if kind != "tied head" else torch.tensor([1, 7, 0, 29])
+    options = dict(mode="matrix", epsilon=0.5)
+    expected = eager_grads(model, lambda w: lambda: F.cross_entropy(w(x), y), **options)
+    wrapped, run = compiled(model, "compile(wrap(model))", **options)
+    for _ in range(2):
+        model.zero_grad()
+        before = param_bytes(model)
+        wrapped.adversarial_step(lambda: F.cross_entropy(run(x), y))
+        assert param_bytes(model) == before
+    assert graph_breaks() == 0, dict(counters["graph_break"])
+    assert seen[route] == 2 and sum(seen.values()) == 2, seen
+    for name, g in expected.items():
+        torch.testing.assert_close(grads(model)[name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_a_compiled_plain_lookup_computes_the_weight_gradient_once():
+    """The lookup tap hands on the dense weight gradient the backward computes anyway:
+    the clean pass's compiled backward (inductor's partitioner) holds one
+    ``embedding_dense_backward``, not a second one for the site."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    counts = []
+
+    def backward_compiler(gm, example_inputs):
+        counts.append(sum(1 for n in gm.graph.nodes if "embedding_dense_backward" in str(n.target)))
+        return gm.forward
+
+    backend = aot_autograd(
+        fw_compiler=lambda gm, example_inputs: gm.forward,
+        bw_compiler=backward_compiler,
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    torch.manual_seed(0)
+    model = MeanPool()
+    wrapped = advgraph.wrap(model, mode="matrix", epsilon=0.5)
+    run = torch.compile(wrapped, backend=backend)
+    wrapped.adversarial_step(lambda: F.cross_entropy(run(X), Y))
+    assert counts and all(count == 1 for count in counts), counts
+    assert wrapped.advgraph_stats["steps"] == 1
+
+
+def test_the_site_keeps_nothing_of_the_weight_gradient_buffer_the_lookup_tap_hands_it():
+    """``grad_rows_v1`` hands the site the dense weight gradient, a buffer of the
+    compiled backward (it becomes ``.grad`` or is reused). The site keeps a copy of
+    the touched rows: overwriting the buffer afterwards changes nothing it holds."""
+    model = MeanPool()
+    wrapped = advgraph.wrap(model, mode="matrix")
+    site = wrapped.__dict__["_advgraph"].site
+    dense = torch.randn(30, 8)
+    kept = dense.clone()
+    site.new_pass()
+    torch.ops.advgraph.grad_rows_v1(dense, X, site.key, 0, 0)
+    dense.fill_(float("nan"))
+    got = site.site_grad()
+    rows = torch.unique(X)
+    assert torch.equal(site._rows, rows)
+    assert torch.equal(got, kept[rows])

@@ -12,7 +12,8 @@ gradient and its own delta; matrix mode perturbs the union of the rows touched.
 Eagerly the gradient is read by a tensor hook on the output. Inside a
 ``torch.compile``d forward a hook registered there would break the graph, so
 the output goes through an ``autograd.Function`` whose backward hands the
-gradient to the site through the ``advgraph::grad_tap_v2`` custom op (see
+gradient to the site through the ``advgraph::grad_tap_v2`` custom op (matrix mode,
+a plain CPU ``nn.Embedding``: the lookup itself is the tap, ``grad_rows_v1``; see
 :mod:`._taps`).
 """
 
@@ -480,7 +481,7 @@ class MatrixSite(_Site):
         """Materialise a pending delta on the rows ``ids`` touch (see ``before_lookup``)."""
         if self._pending is None:
             return
-        rows = torch.unique(ids)
+        rows = torch.unique(ids).long()  # int32 ids too: index_copy_ takes int64 rows
         weight = self.weight
         acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
@@ -506,8 +507,14 @@ class MatrixSite(_Site):
         """Forward hook of a lookup."""
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
             call = self._next_call()
-            ids = args[0].detach()
             index = next((i for i, m in enumerate(self.lookups) if m is module), 0)
+            if self.capturing and torch.compiler.is_compiling() and _taps.plain_lookup(module):
+                # The lookup recomputed as the tap (the module's own output is then
+                # unused, and dropped from the compiled graph): see on_compiled_rows.
+                if self._keep_outputs:
+                    self._outputs.append(self.anchor)
+                return _taps.tap_lookup(module, args[0], self.anchor, self.key, call, index)
+            ids = args[0].detach()
             captured = self._capture(output, (ids, module), call, ids=ids, index=index)
             if captured is not output:
                 return captured
@@ -519,6 +526,7 @@ class MatrixSite(_Site):
         """What a lookup's backward computes, for the touched rows only."""
         by_freq = bool(getattr(emb, "scale_grad_by_freq", False))
         rows, inverse, *counts = torch.unique(ids, return_inverse=True, return_counts=by_freq)
+        rows = rows.long()  # int32 ids too: index_copy_ takes int64 rows
         acc_dtype = torch.float32 if grads.dtype in (torch.float16, torch.bfloat16) else grads.dtype
         out = torch.zeros(rows.shape[0], grads.shape[1], dtype=acc_dtype, device=grads.device)
         out.index_add_(0, inverse, grads if grads.dtype == acc_dtype else grads.to(acc_dtype))
@@ -579,6 +587,15 @@ class MatrixSite(_Site):
         module = self.lookups[index] if index < len(self.lookups) else None
         kept = self._reduce(ids, module, grad) if self._reduces_at_the_tap(grad) else grad.clone()
         self._on_grad(self._pass, call, (ids, module), kept)
+
+    def on_compiled_rows(self, call: int, ids: torch.Tensor, index: int, dense: torch.Tensor) -> None:
+        """The compiled path's tap of a plain lookup (``_taps.tap_lookup``): ``dense`` is
+        the weight's gradient through call ``call`` (what the lookup's own backward
+        computes: padding row zero, ``scale_grad_by_freq`` applied). The site keeps the
+        touched rows of it, copied: the buffer belongs to the compiled backward."""
+        module = self.lookups[index] if index < len(self.lookups) else None
+        rows = torch.unique(ids).long()
+        self._on_grad(self._pass, call, (ids, module), (rows, dense.index_select(0, rows)))
 
     @staticmethod
     def _reduces_at_the_tap(grad: torch.Tensor) -> bool:

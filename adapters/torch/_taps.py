@@ -24,6 +24,16 @@ earlier advgraph would run the old code against the new op. (Earlier code
 registered ``site_tap``/``grad_tap``, then ``site_tap_v2``, a custom op whose
 forward copied ``x``; the ``autograd.Function`` replaced it.)
 
+Matrix mode's lookups that are plain ``nn.Embedding``s on the CPU (see
+:func:`plain_lookup`) are tapped one step further back: the site's forward hook
+recomputes the lookup through :func:`tap_lookup`, an ``autograd.Function`` whose
+backward is the lookup's own (``embedding_dense_backward``, the dense weight
+gradient the compiled backward computes anyway, not a second time) and which hands
+that gradient to ``advgraph::grad_rows_v1``; the site copies the touched rows out of
+it (one ``index_select``) instead of reducing the output's gradient to them (a sort,
+a zero fill and an ``index_add_``) while the backward runs. The module's own output
+is then unused and dropped from the graph.
+
 ``anchor`` is a 0-dim leaf of the site that requires grad: its (zero) gradient
 is a graph output of the backward, so the tap always runs, and a pass that only
 needs the gradient at the site asks autograd for the anchor's gradient.
@@ -46,7 +56,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SITES", "lookup_rows", "tap"]
+__all__ = ["SITES", "lookup_rows", "plain_lookup", "tap", "tap_lookup"]
 
 def _refuse_a_second_copy() -> None:
     """The ops below are global to the process: a second copy of this module (the
@@ -55,7 +65,7 @@ def _refuse_a_second_copy() -> None:
     advgraph model would silently stop finding its site."""
     # Any version's ops: older copies registered site_tap / site_tap_v2 (and
     # lookup_rows, which kept its name).
-    names = ("grad_tap_v2", "site_tap_v2", "site_tap", "lookup_rows")
+    names = ("grad_tap_v2", "grad_rows_v1", "site_tap_v2", "site_tap", "lookup_rows")
     if not any(hasattr(torch.ops.advgraph, name) for name in names):
         return
     raise ImportError(
@@ -124,6 +134,84 @@ def tap(
 ) -> torch.Tensor:
     """``x`` unchanged; its gradient goes to the site registered under ``site``."""
     return _Tap.apply(x, anchor, ids, site, call, index)
+
+
+# Matrix mode, a plain ``nn.Embedding`` on the CPU: the lookup itself is the tap. Its
+# backward computes the weight's gradient as the lookup's own backward does (the
+# dense ``embedding_dense_backward``, which the compiled backward computes anyway) and
+# hands it to ``grad_rows_v1``, which reads the touched rows out of it: one
+# ``index_select`` instead of reducing the output's gradient to the rows (sort, zeros,
+# ``index_add_``) while the backward runs.
+_LIB.define("grad_rows_v1(Tensor dense, Tensor ids, int site, int call, int index) -> Tensor")
+
+
+def _grad_rows(dense: torch.Tensor, ids: torch.Tensor, site: int, call: int, index: int) -> torch.Tensor:
+    owner = SITES.get(site)
+    if owner is not None:
+        owner.on_compiled_rows(call, ids, index, dense)
+    return dense.new_zeros(())  # the anchor's gradient
+
+
+_LIB.impl("grad_rows_v1", _grad_rows, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("advgraph::grad_rows_v1", lib=_LIB)
+def _(dense: torch.Tensor, ids: torch.Tensor, site: int, call: int, index: int) -> Any:
+    return dense.new_empty(())
+
+
+class _TapLookup(torch.autograd.Function):
+    """``F.embedding(ids, weight, padding_idx, scale_grad_by_freq=...)``; its backward
+    is the lookup's own (the dense weight gradient), which it also hands to
+    ``grad_rows_v1``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, weight: torch.Tensor, ids: torch.Tensor, anchor: torch.Tensor, padding_idx: int,
+        scale_grad_by_freq: bool, site: int, call: int, index: int,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.num_weights, ctx.padding_idx, ctx.scale = weight.shape[0], padding_idx, scale_grad_by_freq
+        ctx.site, ctx.call, ctx.index = site, call, index
+        ctx.anchor_dtype, ctx.anchor_device = anchor.dtype, anchor.device
+        return torch.nn.functional.embedding(
+            ids, weight, None if padding_idx < 0 else padding_idx, None, 2.0, scale_grad_by_freq, False
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (ids,) = ctx.saved_tensors
+        dense = torch.ops.aten.embedding_dense_backward(grad, ids, ctx.num_weights, ctx.padding_idx, ctx.scale)
+        grad_anchor = torch.ops.advgraph.grad_rows_v1(dense, ids, ctx.site, ctx.call, ctx.index)
+        anchor = grad_anchor.to(device=ctx.anchor_device, dtype=ctx.anchor_dtype)
+        return dense, None, anchor, None, None, None, None, None
+
+
+def tap_lookup(
+    module: torch.nn.Module, ids: torch.Tensor, anchor: torch.Tensor, site: int, call: int, index: int
+) -> torch.Tensor:
+    """The lookup ``module(ids)`` of a plain ``nn.Embedding`` (see :func:`plain_lookup`),
+    whose backward hands the weight's gradient to the site registered under ``site``."""
+    padding_idx = -1 if module.padding_idx is None else int(module.padding_idx)
+    return _TapLookup.apply(
+        module.weight, ids, anchor, padding_idx, bool(module.scale_grad_by_freq), site, call, index
+    )
+
+
+def plain_lookup(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward is ``nn.Embedding``'s, dense, without ``max_norm``,
+    on a CPU float32/float64 weight: its output is exactly ``F.embedding(ids, weight,
+    padding_idx, scale_grad_by_freq=...)``, which :func:`tap_lookup` recomputes."""
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(module, torch.nn.Embedding)
+        and type(module).forward is torch.nn.Embedding.forward
+        and module.max_norm is None
+        and not module.sparse
+        and isinstance(weight, torch.Tensor)
+        and weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.float64)
+    )
 
 
 @torch.library.custom_op("advgraph::lookup_rows", mutates_args=())
