@@ -480,7 +480,7 @@ def test_matrix_delta_follows_the_embeddings_own_weight_gradient(emb_kwargs, com
     monkeypatch.setattr(MatrixSite, "on_compiled_grad", lambda self, *a: (taps.append("output"), by_output(self, *a))[1])
     monkeypatch.setattr(MatrixSite, "on_compiled_rows", lambda self, *a: (taps.append("lookup"), by_rows(self, *a))[1])
     if compiled == "output":
-        monkeypatch.setattr(_taps, "plain_lookup", lambda module: False)
+        monkeypatch.setattr(_taps, "plain_lookup", lambda module, hook: False)
     wrapped = advgraph.wrap(model, mode="matrix", epsilon=0.5)
     if compiled:
         torch._dynamo.reset()  # a fresh cache: no earlier test's graphs, no recompile limit

@@ -11,6 +11,7 @@ and AOTAutograd trace exactly as with inductor, without the C++ compile time
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 
@@ -479,6 +480,24 @@ class _ScaledLookup(torch.nn.Module):
         return self.fc(self.emb(x).mean(1))
 
 
+def _hooked_before_wrap():
+    """A forward hook registered on the embedding before advgraph's (as HF Trainer's
+    NEFTune hook is): it changes the output advgraph's hook receives."""
+    model = MeanPool(padding_idx=0)
+    model.emb.register_forward_hook(lambda module, args, out: out * 2.0)
+    return model
+
+
+def _forward_on_the_instance():
+    model = MeanPool()
+
+    def forward(self, x):
+        return F.embedding(x, self.weight) * 2.0
+
+    model.emb.forward = types.MethodType(forward, model.emb)
+    return model
+
+
 _LOOKUPS = {
     "plain": (lambda: MeanPool(), "rows"),
     "padding and scale_grad_by_freq": (lambda: MeanPool(padding_idx=0, scale_grad_by_freq=True), "rows"),
@@ -486,6 +505,8 @@ _LOOKUPS = {
     "tied head": (lambda: _TiedHead(padding_idx=0), "rows"),
     "subclass with its own forward": (lambda: _ScaledLookup(), "output"),
     "max_norm": (lambda: MeanPool(max_norm=10.0), "output"),
+    "a forward hook before advgraph's": (_hooked_before_wrap, "output"),
+    "forward set on the instance": (_forward_on_the_instance, "output"),
 }
 
 
@@ -523,6 +544,26 @@ def test_matrix_mode_taps_a_plain_lookup_by_its_own_backward_and_any_other_by_it
         torch.testing.assert_close(grads(model)[name], g, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", list(_LOOKUPS))
+def test_matrix_mode_compiled_leaves_the_models_own_gradients_bit_for_bit(kind):
+    """A plain forward/backward of the compiled wrapped model (the clean pass's
+    parameter gradients) gives what the compiled unwrapped model gives, bit for bit:
+    the lookup tap's backward is the lookup's own, and nothing else changes."""
+    torch.manual_seed(0)
+    model = _LOOKUPS[kind][0]()
+    x = X.clone()
+    x[0, 0], x[1, 1], x[2, 2] = 0, 7, 7
+    y = Y if kind != "tied head" else torch.tensor([1, 7, 0, 29])
+    plain = copy.deepcopy(model)
+    F.cross_entropy(torch.compile(plain, backend=BACKEND)(x), y).backward()
+    wrapped = advgraph.wrap(model, mode="matrix", epsilon=0.5)
+    F.cross_entropy(torch.compile(wrapped, backend=BACKEND)(x), y).backward()
+    assert graph_breaks() == 0, dict(counters["graph_break"])
+    for name, g in grads(plain).items():
+        assert torch.equal(grads(model)[name], g), name
+    assert wrapped.__dict__["_advgraph"].site.has_grad()  # the tap ran
+
+
 def test_a_compiled_plain_lookup_computes_the_weight_gradient_once():
     """The lookup tap hands on the dense weight gradient the backward computes anyway:
     the clean pass's compiled backward (inductor's partitioner) holds one
@@ -530,14 +571,23 @@ def test_a_compiled_plain_lookup_computes_the_weight_gradient_once():
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    counts = []
+    counts, lookups = [], []
+
+    def ops(gm, name):
+        return sum(1 for n in gm.graph.nodes if str(n.target).startswith(name))
+
+    def forward_compiler(gm, example_inputs):
+        lookups.append(ops(gm, "aten.embedding.default"))
+        return gm.forward
 
     def backward_compiler(gm, example_inputs):
-        counts.append(sum(1 for n in gm.graph.nodes if "embedding_dense_backward" in str(n.target)))
+        counts.append(
+            (ops(gm, "aten.embedding_dense_backward"), ops(gm, "advgraph.grad_rows_v1"), ops(gm, "advgraph.grad_tap_v2"))
+        )
         return gm.forward
 
     backend = aot_autograd(
-        fw_compiler=lambda gm, example_inputs: gm.forward,
+        fw_compiler=forward_compiler,
         bw_compiler=backward_compiler,
         partition_fn=min_cut_rematerialization_partition,
     )
@@ -546,7 +596,9 @@ def test_a_compiled_plain_lookup_computes_the_weight_gradient_once():
     wrapped = advgraph.wrap(model, mode="matrix", epsilon=0.5)
     run = torch.compile(wrapped, backend=backend)
     wrapped.adversarial_step(lambda: F.cross_entropy(run(X), Y))
-    assert counts and all(count == 1 for count in counts), counts
+    # The clean pass taps the lookup itself; the adversarial pass needs no tap.
+    assert counts == [(1, 1, 0), (1, 0, 0)], counts
+    assert lookups == [1, 1], lookups  # the module's own lookup is dropped, not run twice
     assert wrapped.advgraph_stats["steps"] == 1
 
 
@@ -566,3 +618,30 @@ def test_the_site_keeps_nothing_of_the_weight_gradient_buffer_the_lookup_tap_han
     rows = torch.unique(X)
     assert torch.equal(site._rows, rows)
     assert torch.equal(got, kept[rows])
+
+
+def test_a_global_forward_hook_keeps_the_output_tap(monkeypatch):
+    """A global forward hook (``register_module_forward_hook``) runs before any
+    module's own hooks and may change the lookup's output: compiled matrix mode then
+    taps the output it receives, not a recomputed lookup, and matches eager."""
+    from advgraph.adapters.torch._site import MatrixSite
+
+    seen = []
+    by_rows, by_output = MatrixSite.on_compiled_rows, MatrixSite.on_compiled_grad
+    monkeypatch.setattr(MatrixSite, "on_compiled_rows", lambda s, *a: (seen.append("rows"), by_rows(s, *a))[1])
+    monkeypatch.setattr(MatrixSite, "on_compiled_grad", lambda s, *a: (seen.append("output"), by_output(s, *a))[1])
+    doubles = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: out * 2.0 if isinstance(module, torch.nn.Embedding) else None
+    )
+    try:
+        torch.manual_seed(0)
+        model = MeanPool()
+        options = dict(mode="matrix", epsilon=0.5)
+        expected = eager_grads(model, lambda w: lambda: F.cross_entropy(w(X), Y), **options)
+        wrapped, run = compiled(model, "compile(wrap(model))", **options)
+        wrapped.adversarial_step(lambda: F.cross_entropy(run(X), Y))
+    finally:
+        doubles.remove()
+    assert seen == ["output"], seen
+    for name, g in expected.items():
+        torch.testing.assert_close(grads(model)[name], g, rtol=1e-5, atol=1e-7)

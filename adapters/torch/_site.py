@@ -508,7 +508,7 @@ class MatrixSite(_Site):
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
             call = self._next_call()
             index = next((i for i, m in enumerate(self.lookups) if m is module), 0)
-            if self.capturing and torch.compiler.is_compiling() and _taps.plain_lookup(module):
+            if self.capturing and torch.compiler.is_compiling() and _taps.plain_lookup(module, self.on_forward):
                 # The lookup recomputed as the tap (the module's own output is then
                 # unused, and dropped from the compiled graph): see on_compiled_rows.
                 if self._keep_outputs:

@@ -198,14 +198,23 @@ def tap_lookup(
     )
 
 
-def plain_lookup(module: torch.nn.Module) -> bool:
-    """Whether ``module``'s forward is ``nn.Embedding``'s, dense, without ``max_norm``,
-    on a CPU float32/float64 weight: its output is exactly ``F.embedding(ids, weight,
-    padding_idx, scale_grad_by_freq=...)``, which :func:`tap_lookup` recomputes."""
+def plain_lookup(module: torch.nn.Module, hook: Any) -> bool:
+    """Whether the output the forward hook ``hook`` receives from ``module`` is exactly
+    ``F.embedding(ids, weight, padding_idx, scale_grad_by_freq=...)``, which
+    :func:`tap_lookup` recomputes: ``nn.Embedding``'s own forward (not a subclass's,
+    not one set on the instance), dense, without ``max_norm``, on a CPU float32/float64
+    weight, and no forward hook ran before ``hook`` (a global one, or one registered
+    on the module earlier, may have changed the output)."""
     weight = getattr(module, "weight", None)
+    first = next(iter(module._forward_hooks.values()), None)
     return (
         isinstance(module, torch.nn.Embedding)
         and type(module).forward is torch.nn.Embedding.forward
+        and "forward" not in vars(module)
+        and not torch.nn.modules.module._global_forward_hooks
+        # the same bound method (compared by its parts: dynamo folds these to constants)
+        and getattr(first, "__self__", None) is hook.__self__
+        and getattr(first, "__func__", None) is hook.__func__
         and module.max_norm is None
         and not module.sparse
         and isinstance(weight, torch.Tensor)
