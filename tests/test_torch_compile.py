@@ -645,3 +645,21 @@ def test_a_global_forward_hook_keeps_the_output_tap(monkeypatch):
     assert seen == ["output"], seen
     for name, g in expected.items():
         torch.testing.assert_close(grads(model)[name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_plain_lookup_declines_where_torchs_hook_registries_are_not_found(monkeypatch):
+    """The lookup tap relies on torch's private hook registries to know that no hook
+    ran before advgraph's: where a torch version lacks them, it is not used."""
+    from advgraph.adapters.torch import _taps
+
+    model = MeanPool()
+    wrapped = advgraph.wrap(model, mode="matrix")
+    site = wrapped.__dict__["_advgraph"].site
+    assert _taps.plain_lookup(model.emb, site.on_forward)
+    with monkeypatch.context() as patch:
+        patch.delattr(torch.nn.modules.module, "_global_forward_hooks")
+        assert not _taps.plain_lookup(model.emb, site.on_forward)
+    with monkeypatch.context() as patch:
+        patch.delattr(model.emb, "_forward_hooks")
+        assert not _taps.plain_lookup(model.emb, site.on_forward)
+    assert _taps.plain_lookup(model.emb, site.on_forward)

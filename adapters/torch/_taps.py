@@ -206,12 +206,17 @@ def plain_lookup(module: torch.nn.Module, hook: Any) -> bool:
     weight, and no forward hook ran before ``hook`` (a global one, or one registered
     on the module earlier, may have changed the output)."""
     weight = getattr(module, "weight", None)
-    first = next(iter(module._forward_hooks.values()), None)
+    # torch's hook registries (private names: where they are missing, no lookup is plain)
+    registry = getattr(torch.nn.modules.module, "_global_forward_hooks", None)
+    own = getattr(module, "_forward_hooks", None)
+    if registry is None or own is None:
+        return False
+    first = next(iter(own.values()), None)
     return (
         isinstance(module, torch.nn.Embedding)
         and type(module).forward is torch.nn.Embedding.forward
         and "forward" not in vars(module)
-        and not torch.nn.modules.module._global_forward_hooks
+        and not registry
         # the same bound method (compared by its parts: dynamo folds these to constants)
         and getattr(first, "__self__", None) is hook.__self__
         and getattr(first, "__func__", None) is hook.__func__
