@@ -86,24 +86,28 @@ SITES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 # 2-core CPU (warm), defined here ~10. Its only output is a new constant (the anchor's zero
 # gradient), which needs no autograd formula.
 _LIB = torch.library.Library("advgraph", "FRAGMENT")
-_LIB.define("grad_tap_v2(Tensor grad, Tensor? ids, int site, int call, int index) -> Tensor")
 
 
-def _grad_tap(
-    grad: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int
-) -> torch.Tensor:
-    owner = SITES.get(site)
-    if owner is not None:
-        owner.on_compiled_grad(call, ids, index, grad)
-    return grad.new_zeros(())  # the anchor's gradient
+def _define_backward_tap(name: str, ids_type: str, method: str) -> None:
+    """``advgraph::<name>(grad, ids, site, call, index)``: hands ``grad`` to the
+    site's ``method`` at backward time and returns the anchor's (zero) gradient."""
+    _LIB.define(f"{name}(Tensor grad, {ids_type} ids, int site, int call, int index) -> Tensor")
+
+    def kernel(grad: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int) -> torch.Tensor:
+        owner = SITES.get(site)
+        if owner is not None:
+            getattr(owner, method)(call, ids, index, grad)
+        return grad.new_zeros(())  # the anchor's gradient
+
+    def fake(grad: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int) -> Any:
+        return grad.new_empty(())
+
+    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"advgraph::{name}", fake, lib=_LIB)
 
 
-_LIB.impl("grad_tap_v2", _grad_tap, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("advgraph::grad_tap_v2", lib=_LIB)
-def _(grad: torch.Tensor, ids: torch.Tensor | None, site: int, call: int, index: int) -> Any:
-    return grad.new_empty(())
+# The output's gradient, to MatrixSite/OutputSite.on_compiled_grad.
+_define_backward_tap("grad_tap_v2", "Tensor?", "on_compiled_grad")
 
 
 class _Tap(torch.autograd.Function):
@@ -142,22 +146,7 @@ def tap(
 # hands it to ``grad_rows_v1``, which reads the touched rows out of it: one
 # ``index_select`` instead of reducing the output's gradient to the rows (sort, zeros,
 # ``index_add_``) while the backward runs.
-_LIB.define("grad_rows_v1(Tensor dense, Tensor ids, int site, int call, int index) -> Tensor")
-
-
-def _grad_rows(dense: torch.Tensor, ids: torch.Tensor, site: int, call: int, index: int) -> torch.Tensor:
-    owner = SITES.get(site)
-    if owner is not None:
-        owner.on_compiled_rows(call, ids, index, dense)
-    return dense.new_zeros(())  # the anchor's gradient
-
-
-_LIB.impl("grad_rows_v1", _grad_rows, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("advgraph::grad_rows_v1", lib=_LIB)
-def _(dense: torch.Tensor, ids: torch.Tensor, site: int, call: int, index: int) -> Any:
-    return dense.new_empty(())
+_define_backward_tap("grad_rows_v1", "Tensor", "on_compiled_rows")
 
 
 class _TapLookup(torch.autograd.Function):
